@@ -1,0 +1,64 @@
+# real200: the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install run serve worker beat test test-all lint format lock migrate
+
+# The virtualenv with the locked dependencies (runtime and test tools). Re-run when the
+# lock file changes.
+install: $(VENV)/.installed
+$(VENV)/.installed: requirements-dev.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.lock
+	touch $@
+
+migrate: install
+	$(BIN)/python manage.py migrate --no-input -v0
+
+# Embedded default (SQLite, in-process cache and tasks): installs, migrates, sets up the
+# demo organization, prints the dashboard URL and a demo key, and serves on HOST:PORT.
+run: migrate
+	$(BIN)/python manage.py collectstatic --no-input -v0
+	@key=$$($(BIN)/python manage.py demo | tail -n 1); \
+	echo; \
+	echo "  real200 is starting on http://$(HOST):$(PORT)/"; \
+	echo "  dashboard: http://$(HOST):$(PORT)/admin/"; \
+	echo "  API base URL: http://$(HOST):$(PORT)/v1"; \
+	echo "  demo key: $$key"; \
+	echo; \
+	HTTPS=0 WEB_CONCURRENCY=1 HOST=$(HOST) PORT=$(PORT) exec platform/serve
+
+# Production web server: honours DATABASE_URL, REDIS_URL, HOST, PORT, WEB_CONCURRENCY.
+serve: install
+	$(BIN)/python manage.py collectstatic --no-input -v0
+	HOST=$(HOST) PORT=$(PORT) platform/serve
+
+worker: install
+	$(BIN)/celery -A config worker --loglevel INFO
+
+beat: install
+	$(BIN)/celery -A config beat --loglevel INFO --schedule var/celerybeat-schedule
+
+# Uses DATABASE_URL and REDIS_URL when set; otherwise SQLite and local memory, skipping
+# (with the reason) only the tests that need a real PostgreSQL or Redis.
+test: install
+	SECRET_KEY=$${SECRET_KEY:-insecure-test-only-key} $(BIN)/pytest -n $${TEST_WORKERS:-auto} $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python manage.py makemigrations --check --dry-run
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Regenerate the lock files from pyproject.toml (needs `uv`: pip install uv).
+lock:
+	uv pip compile pyproject.toml -o requirements.lock --python-version 3.11 --no-header
+	uv pip compile pyproject.toml --extra dev -o requirements-dev.lock --python-version 3.11 --no-header

@@ -1,0 +1,109 @@
+"""The money unit, its parsing and formatting, and the one rounding rule.
+
+Unit: integer nano-dollars (1 unit = 10⁻⁹ USD), stored in BigIntegerFields and passed
+around as `int`. Prices are integer nano-dollars per million tokens. USD is the only
+currency. A float never holds money: amounts from people arrive as strings, go through
+`parse_usd` once, and input finer than one unit is refused rather than rounded.
+
+Rounding: the exact cost of a call is an integer number of nano-dollars times a token
+count over one million; it is rounded once, half up, at the end (`_div_round_half_up`),
+never per component. Nothing else in the code base multiplies a price by a token count.
+
+This module imports nothing from the project, so any app may use the unit (the keys app
+parses a key's budget with it) without depending on the books.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from typing import Protocol
+
+Nano = int
+
+NANO_PER_USD = 10**9
+TOKENS_PER_QUOTE = 10**6  # prices are quoted per million tokens
+_PLACES = 9  # digits after the point in one unit
+
+
+class MoneyError(ValueError):
+    """An amount that cannot be taken as USD (the message says why)."""
+
+
+class Rates(Protocol):
+    """Prices of one model, nano-dollars per million tokens (catalog.Price has these)."""
+
+    input_nano_per_mtok: int
+    output_nano_per_mtok: int
+    cached_input_nano_per_mtok: int
+
+
+def parse_usd(text: str, *, allow_zero: bool = True) -> Nano:
+    """`"12.34"` → 12_340_000_000. Refuses negatives, non-numbers and sub-unit precision."""
+    if not isinstance(text, str):
+        raise MoneyError("an amount must be given as text, e.g. '12.50'")
+    try:
+        amount = Decimal(text.strip())
+    except InvalidOperation:
+        raise MoneyError(f"{text!r} is not an amount in USD") from None
+    if not amount.is_finite():
+        raise MoneyError(f"{text!r} is not an amount in USD")
+    if amount < 0:
+        raise MoneyError(f"{text!r} is negative")
+    if amount == 0 and not allow_zero:
+        raise MoneyError("the amount must be more than zero")
+    nano = amount * NANO_PER_USD
+    if nano != nano.to_integral_value():
+        raise MoneyError(f"{text!r} is finer than one nano-dollar (9 decimal places)")
+    return int(nano)
+
+
+def format_usd(nano: Nano, places: int = _PLACES) -> str:
+    """12_340_000_000 → `"12.340000000"`; with fewer places, rounded half up for display."""
+    if not 0 <= places <= _PLACES:
+        raise ValueError("places must be between 0 and 9")
+    sign = "-" if nano < 0 else ""
+    scaled = _div_round_half_up(abs(nano), 10 ** (_PLACES - places))
+    whole, frac = divmod(scaled, 10**places)
+    return f"{sign}{whole}.{frac:0{places}d}" if places else f"{sign}{whole}"
+
+
+def _div_round_half_up(numerator: int, denominator: int) -> int:
+    """The one rounding rule: exact integer division, rounded half up (for numerator ≥ 0)."""
+    whole, rest = divmod(numerator, denominator)
+    return whole + (1 if 2 * rest >= denominator else 0)
+
+
+def call_cost_nano(
+    *, prompt_tokens: int, cached_tokens: int, completion_tokens: int, rates: Rates
+) -> Nano:
+    """Cost of one call. The only place a price meets a token count.
+
+    `prompt_tokens` counts every prompt token (OpenAI's meaning) and `cached_tokens` the
+    part of it read from a cache, billed at the cached-input rate instead.
+    """
+    if min(prompt_tokens, cached_tokens, completion_tokens) < 0 or cached_tokens > prompt_tokens:
+        raise ValueError("token counts must be non-negative, cached within prompt")
+    exact = (
+        (prompt_tokens - cached_tokens) * rates.input_nano_per_mtok
+        + cached_tokens * rates.cached_input_nano_per_mtok
+        + completion_tokens * rates.output_nano_per_mtok
+    )
+    return _div_round_half_up(exact, TOKENS_PER_QUOTE)
+
+
+def affordable_completion_tokens(*, available_nano: Nano, prompt_tokens: int, rates: Rates) -> int:
+    """The most output tokens whose cost, with this prompt, fits in `available_nano`.
+
+    The inverse of `call_cost_nano` under the same rounding: cost ≤ available exactly
+    when 2·exact < (2·available + 1)·10⁶. Returns -1 if even the prompt does not fit.
+    A model with a zero output price affords any length: the caller caps it.
+    """
+    budget = (
+        2 * available_nano + 1
+    ) * TOKENS_PER_QUOTE - 2 * prompt_tokens * rates.input_nano_per_mtok
+    if budget <= 0:
+        return -1
+    per_token = 2 * rates.output_nano_per_mtok
+    if per_token == 0:
+        return 2**62
+    return -(-budget // per_token) - 1

@@ -1,0 +1,259 @@
+"""Every movement of money: transfers between accounts, and holds on a customer's balance.
+
+Locking rule (it is what keeps concurrent calls from deadlocking): within a transaction,
+account rows are locked customer accounts first, then system accounts, each group in
+primary-key order. The revenue account is the one row every charge touches, so it is
+locked last and held for as short a time as possible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q, Sum
+from django.utils import timezone
+
+from apps.billing.models import Account, AccountKind, Hold, HoldStatus, Transfer, TransferKind
+from apps.billing.money import Nano
+from apps.keys.models import ApiKey, BudgetPeriod
+from apps.tenancy.models import Organization, User
+
+
+class InsufficientFunds(Exception):
+    """The money is not there: a customer's spendable balance would go below zero."""
+
+    def __init__(self, *, available_nano: Nano, needed_nano: Nano, limited_by: str = "balance"):
+        super().__init__(f"{limited_by} affords {available_nano} nano-USD, {needed_nano} needed")
+        self.available_nano = available_nano
+        self.needed_nano = needed_nano
+        self.limited_by = limited_by  # "balance" or "budget"
+
+
+def account_for_organization(*, organization: Organization) -> Account:
+    account, _ = Account.objects.get_or_create(
+        organization=organization, defaults={"kind": AccountKind.CUSTOMER}
+    )
+    return account
+
+
+def system_account(kind: AccountKind) -> Account:
+    if kind == AccountKind.CUSTOMER:
+        raise ValueError("customer accounts belong to an organization")
+    try:
+        account, _ = Account.objects.get_or_create(kind=kind, organization=None)
+    except IntegrityError:  # created by a concurrent caller between our get and create
+        account = Account.objects.get(kind=kind, organization=None)
+    return account
+
+
+def _lock_order(account: Account) -> tuple[bool, int]:
+    return (account.kind != AccountKind.CUSTOMER, account.pk)
+
+
+def transfer_post(
+    *,
+    from_account: Account,
+    to_account: Account,
+    amount_nano: Nano,
+    kind: TransferKind,
+    memo: str = "",
+    api_key: ApiKey | None = None,
+    created_by: User | None = None,
+    idempotency_key: str | None = None,
+) -> Transfer:
+    """Move `amount_nano` between two accounts: the only way a balance changes.
+
+    Inserts the transfer and updates both cached balances in one transaction. A debit
+    that would take a customer's spendable balance below zero raises InsufficientFunds
+    and nothing is written. Raises IntegrityError on a reused `idempotency_key`: callers
+    that expect retries use `transfer_post_once`.
+    """
+    if amount_nano <= 0:
+        raise ValueError("a transfer moves a positive amount")
+    if from_account.pk == to_account.pk:
+        raise ValueError("a transfer moves money between two different accounts")
+    with transaction.atomic():
+        transfer = Transfer.objects.create(
+            from_account=from_account,
+            to_account=to_account,
+            amount_nano=amount_nano,
+            kind=kind,
+            memo=memo[:500],
+            api_key=api_key,
+            created_by=created_by,
+            idempotency_key=idempotency_key,
+        )
+        for account in sorted((from_account, to_account), key=_lock_order):
+            if account.pk == to_account.pk:
+                Account.objects.filter(pk=account.pk).update(
+                    balance_nano=F("balance_nano") + amount_nano
+                )
+                continue
+            debited = (
+                Account.objects.filter(pk=account.pk)
+                .filter(
+                    ~Q(kind=AccountKind.CUSTOMER)
+                    | Q(balance_nano__gte=F("held_nano") + amount_nano)
+                )
+                .update(balance_nano=F("balance_nano") - amount_nano)
+            )
+            if not debited:
+                fresh = Account.objects.get(pk=account.pk)
+                raise InsufficientFunds(
+                    available_nano=fresh.available_nano, needed_nano=amount_nano
+                )
+    return transfer
+
+
+def transfer_post_once(*, idempotency_key: str, **fields) -> tuple[Transfer, bool]:
+    """`transfer_post` for an event that may be delivered more than once.
+
+    The unique `idempotency_key` makes the second delivery a no-op: it returns the first
+    transfer and False, without an error and without moving money again, even when two
+    deliveries race (the loser's insert fails on the constraint inside a savepoint).
+    """
+    existing = Transfer.objects.filter(idempotency_key=idempotency_key).first()
+    if existing is not None:
+        return existing, False
+    try:
+        with transaction.atomic():
+            return transfer_post(idempotency_key=idempotency_key, **fields), True
+    except IntegrityError:
+        existing = Transfer.objects.filter(idempotency_key=idempotency_key).first()
+        if existing is None:
+            raise
+        return existing, False
+
+
+def credit_grant(
+    *,
+    organization: Organization,
+    amount_nano: Nano,
+    memo: str = "",
+    created_by: User | None = None,
+    source: AccountKind = AccountKind.PROMOTIONS,
+    kind: TransferKind = TransferKind.GRANT,
+    idempotency_key: str | None = None,
+) -> Transfer:
+    """Credit an organization from a system account (an operator grant, a top-up)."""
+    return transfer_post(
+        from_account=system_account(source),
+        to_account=account_for_organization(organization=organization),
+        amount_nano=amount_nano,
+        kind=kind,
+        memo=memo,
+        created_by=created_by,
+        idempotency_key=idempotency_key,
+    )
+
+
+def key_spent_nano(*, api_key: ApiKey, now: datetime) -> Nano:
+    """What a key has spent in its budget window, from its charges: a query, so there is
+    no counter that a job must remember to reset at the start of a month."""
+    charges = Transfer.objects.filter(api_key=api_key, kind=TransferKind.CHARGE)
+    if api_key.budget_period == BudgetPeriod.MONTHLY:
+        month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        charges = charges.filter(created_at__gte=month_start)
+    return charges.aggregate(total=Sum("amount_nano"))["total"] or 0
+
+
+@dataclass(frozen=True)
+class HoldRequest:
+    request_id: str
+    amount_nano: Nano
+    expires_at: datetime
+
+
+def hold_place(*, account: Account, api_key: ApiKey | None, request: HoldRequest) -> Hold:
+    """Reserve `request.amount_nano` of the account's spendable balance (and of the key's
+    budget), atomically, before any byte goes upstream.
+
+    The balance is checked and reserved by one conditional UPDATE, so any number of
+    concurrent calls on any number of processes cannot reserve more than is there. A key
+    with a budget is locked (SELECT … FOR UPDATE) while its spend and open holds are
+    summed, so two calls cannot both fit into the budget's last dollar.
+    Raises InsufficientFunds; nothing is written then.
+    """
+    with transaction.atomic():
+        if api_key is not None and api_key.budget_nano is not None:
+            ApiKey.objects.select_for_update().filter(pk=api_key.pk).first()
+            open_on_key = (
+                Hold.objects.filter(api_key=api_key, status=HoldStatus.OPEN).aggregate(
+                    total=Sum("amount_nano")
+                )["total"]
+                or 0
+            )
+            left = api_key.budget_nano - key_spent_nano(api_key=api_key, now=timezone.now())
+            left -= open_on_key
+            if request.amount_nano > left:
+                raise InsufficientFunds(
+                    available_nano=max(left, 0),
+                    needed_nano=request.amount_nano,
+                    limited_by="budget",
+                )
+        placed = Account.objects.filter(
+            pk=account.pk, balance_nano__gte=F("held_nano") + request.amount_nano
+        ).update(held_nano=F("held_nano") + request.amount_nano)
+        if not placed:
+            fresh = Account.objects.get(pk=account.pk)
+            raise InsufficientFunds(
+                available_nano=fresh.available_nano, needed_nano=request.amount_nano
+            )
+        return Hold.objects.create(
+            account=account,
+            api_key=api_key,
+            request_id=request.request_id,
+            amount_nano=request.amount_nano,
+            expires_at=request.expires_at,
+        )
+
+
+def _hold_close(*, hold: Hold, status: HoldStatus) -> bool:
+    """Claim an open hold for closing; False if someone else already closed it."""
+    claimed = Hold.objects.filter(pk=hold.pk, status=HoldStatus.OPEN).update(
+        status=status, closed_at=timezone.now()
+    )
+    if not claimed:
+        return False
+    Account.objects.filter(pk=hold.account_id).update(held_nano=F("held_nano") - hold.amount_nano)
+    hold.status = status
+    return True
+
+
+def hold_release(*, hold: Hold) -> bool:
+    """Free a hold without charging anything. Idempotent: False if it was already closed."""
+    with transaction.atomic():
+        return _hold_close(hold=hold, status=HoldStatus.RELEASED)
+
+
+def hold_settle(
+    *, hold: Hold, cost_nano: Nano, memo: str = ""
+) -> tuple[bool, Transfer | None, Nano]:
+    """Close a hold and charge the metered cost, in the caller's transaction.
+
+    Returns (settled, transfer, charged_nano). `settled` is False if the hold was already
+    closed: a retried settlement changes nothing. The charge never takes the customer
+    below zero: if the metered cost exceeds the hold and the rest of the balance (an
+    upstream that counted more prompt tokens than our estimate), the part that cannot be
+    collected is not charged, and the caller records it.
+    """
+    with transaction.atomic():
+        if not _hold_close(hold=hold, status=HoldStatus.SETTLED):
+            return False, None, 0
+        if cost_nano <= 0:
+            return True, None, 0
+        customer = Account.objects.select_for_update().get(pk=hold.account_id)
+        charged = min(cost_nano, customer.available_nano)
+        if charged <= 0:
+            return True, None, 0
+        transfer = transfer_post(
+            from_account=customer,
+            to_account=system_account(AccountKind.REVENUE),
+            amount_nano=charged,
+            kind=TransferKind.CHARGE,
+            memo=memo,
+            api_key=hold.api_key,
+        )
+        return True, transfer, charged

@@ -1,0 +1,161 @@
+"""The one small interface every provider adapter implements.
+
+An adapter translates one OpenAI-shaped chat request into its upstream's protocol and
+translates the answer back into OpenAI's shapes. It imports nothing of ours but this
+module: no database, no ledger, no settings. Everything it needs arrives as arguments.
+
+Errors are split by what they mean for failover, because retrying a call that an
+upstream may already have processed is how relays bill twice:
+
+- ``UpstreamUnavailable``: nothing was processed (connect error, a 5xx or 429 status, no
+  response headers within the first-byte timeout). The gateway may try the next channel,
+  provided nothing has reached the client yet.
+- ``UpstreamFailed``: the upstream accepted the request and then broke (a read timeout
+  between chunks, a dropped connection, a malformed body). Never retried.
+- ``UpstreamRejected``: the upstream refused the request itself (a 4xx other than 429);
+  retrying elsewhere would fail the same way, so the status is passed to the customer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import httpx
+
+FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one call, normalised to OpenAI's meaning.
+
+    ``prompt_tokens`` counts every prompt token, cached or not (OpenAI's definition);
+    ``cached_tokens`` is the part of it read from a prompt cache. An adapter whose
+    upstream counts differently (Anthropic's ``input_tokens`` excludes cache reads and
+    writes) converts here, so nothing downstream can count a token twice.
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where and how to reach one channel, as the gateway resolved it for this call."""
+
+    base_url: str
+    api_key: str
+    model: str  # the upstream's name for the model (the channel's mapping applied)
+    connect_timeout: float = 5.0
+    first_byte_timeout: float = 60.0  # until the response headers arrive
+    chunk_timeout: float = 60.0  # between two chunks of a stream (or of a body)
+    supports_stream_usage: bool = True  # accepts stream_options.include_usage
+    settings: dict[str, Any] = field(default_factory=dict)  # adapter-specific (demo pace)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A validated chat request, as the customer sent it.
+
+    ``body`` is the OpenAI request body after validation (unknown fields dropped), with
+    ``max_tokens`` resolved: the gateway always sets it, because the hold placed before the
+    call covers exactly that many output tokens. ``body["model"]`` is the customer's name;
+    adapters send ``Upstream.model`` instead.
+    """
+
+    body: dict[str, Any]
+    max_tokens: int
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.body.get("stream"))
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A whole (non-streamed) answer in OpenAI's ``chat.completion`` shape.
+
+    ``response`` carries ``choices`` (and ``system_fingerprint`` where the upstream gave
+    one); the gateway sets ``id``, ``model``, ``created`` and ``usage`` itself.
+    ``usage`` is None when the upstream reported none (the gateway then counts locally).
+    """
+
+    response: dict[str, Any]
+    usage: Usage | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkEvent:
+    """One stream chunk's ``choices`` list, in OpenAI's chunk shape, forwarded as it came.
+
+    ``text`` is the generated text in this chunk (content, refusal and tool-call
+    arguments), so the gateway can count tokens locally if the upstream never reports
+    usage.
+    """
+
+    choices: list[dict[str, Any]]
+    text: str = ""
+    system_fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """The usage of the call so far. May come more than once; the last one counts."""
+
+    usage: Usage
+
+
+StreamEvent = ChunkEvent | UsageEvent
+
+
+class UpstreamError(Exception):
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Nothing was processed: the next channel may be tried."""
+
+    def __init__(self, message: str, *, status: int | None = None, timeout: bool = False):
+        super().__init__(message, status=status)
+        self.timeout = timeout
+
+
+class UpstreamFailed(UpstreamError):
+    """The upstream may have processed the request: never retried."""
+
+    def __init__(self, message: str, *, status: int | None = None, timeout: bool = False):
+        super().__init__(message, status=status)
+        self.timeout = timeout
+
+
+class UpstreamRejected(UpstreamError):
+    """The upstream refused the request (4xx other than 429); ``body`` is its error."""
+
+    def __init__(self, message: str, *, status: int, body: dict[str, Any] | None = None):
+        super().__init__(message, status=status)
+        self.body = body
+
+
+class Provider(Protocol):
+    """What the gateway calls. One module per upstream kind implements it."""
+
+    async def complete(
+        self, request: ChatRequest, upstream: Upstream, client: httpx.AsyncClient
+    ) -> Completion: ...
+
+    def stream(
+        self, request: ChatRequest, upstream: Upstream, client: httpx.AsyncClient
+    ) -> AsyncIterator[StreamEvent]:
+        """Yield events as the upstream sends them; the last ChunkEvent carries the
+        finish_reason. Closing the iterator (``aclose``) closes the upstream connection
+        at once."""
+        ...

@@ -1,0 +1,99 @@
+"""Shared fixtures: an organization with an owner, a member and an outsider who must see
+nothing; a funded organization; a key; a priced model.
+
+Tests marked `postgres` need DATABASE_URL to point at PostgreSQL, and `redis` need
+REDIS_URL; without them they are skipped with that reason. CI sets both.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from django.conf import settings as django_settings
+
+from apps.billing.money import parse_usd
+from apps.billing.services import credit_grant
+from apps.catalog.services import price_set
+from apps.keys.services import key_create
+from apps.tenancy.models import Membership, Role, User
+from apps.tenancy.services import organization_create
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    on_postgres = django_settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+    skip_pg = pytest.mark.skip(reason="needs PostgreSQL: set DATABASE_URL=postgres://…")
+    skip_redis = pytest.mark.skip(reason="needs Redis: set REDIS_URL=redis://…")
+    for item in items:
+        if "postgres" in item.keywords and not on_postgres:
+            item.add_marker(skip_pg)
+        if "redis" in item.keywords and not os.environ.get("REDIS_URL"):
+            item.add_marker(skip_redis)
+
+
+@pytest.fixture(autouse=True)
+def _fast_passwords(settings) -> None:
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture
+def owner(db) -> User:
+    return User.objects.create_user(email="owner@example.com", password="pw-owner-1234")
+
+
+@pytest.fixture
+def member(db, org) -> User:
+    user = User.objects.create_user(email="member@example.com", password="pw-member-1234")
+    Membership.objects.create(user=user, organization=org, role=Role.DEVELOPER)
+    return user
+
+
+@pytest.fixture
+def outsider(db) -> User:
+    """A user of another organization: must never see `org`'s objects."""
+    user = User.objects.create_user(email="outsider@example.com", password="pw-outsider-1234")
+    organization_create(slug="elsewhere", name="Elsewhere", owner=user)
+    return user
+
+
+@pytest.fixture
+def org(owner):
+    return organization_create(slug="acme", name="Acme", owner=owner)
+
+
+@pytest.fixture
+def funded_org(org):
+    credit_grant(organization=org, amount_nano=parse_usd("10.00"), memo="test funding")
+    return org
+
+
+@pytest.fixture
+def price(db):
+    """gpt-4o at $2.50 in, $1.25 cached in, $10.00 out per million tokens."""
+    return price_set(
+        model_name="gpt-4o",
+        input_nano_per_mtok=parse_usd("2.50"),
+        cached_input_nano_per_mtok=parse_usd("1.25"),
+        output_nano_per_mtok=parse_usd("10.00"),
+    )
+
+
+@pytest.fixture
+def api_key(org):
+    key, _clear = key_create(organization=org, name="test key")
+    return key
+
+
+@pytest.fixture
+def run_command(db):
+    """Run a management command; return its output lines (the result is the last)."""
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    def run(*args: str) -> list[str]:
+        out = StringIO()
+        call_command(*args, stdout=out, stderr=StringIO())
+        return out.getvalue().splitlines()
+
+    return run

@@ -1,0 +1,78 @@
+"""real200 itself as a real server process, the way `make serve` runs it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def database_url_for_subprocess() -> str:
+    """The URL of the database this test runs on, for a server in another process."""
+    params = connection.settings_dict
+    user = params.get("USER") or "postgres"
+    host = params.get("HOST") or "127.0.0.1"
+    port = params.get("PORT") or 5432
+    return f"postgres://{user}@{host}:{port}/{params['NAME']}"
+
+
+@contextmanager
+def real200_server(*, workers: int = 1, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start `platform/serve` on a free port; yield its base URL once /healthz answers."""
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "WEB_CONCURRENCY": str(workers),
+        "HTTPS": "0",
+        "SECRET_KEY": os.environ.get("SECRET_KEY", "test-server-secret"),
+        "PYTHON": str(Path(os.sys.executable)),
+        **(env or {}),
+    }
+    process = subprocess.Popen(
+        [str(ROOT / "platform" / "serve")],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"real200 exited: {process.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("real200 did not answer /healthz within 30 s")
+            time.sleep(0.1)
+        yield base_url
+    finally:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+        process.stderr.close()
