@@ -38,15 +38,9 @@ def test_policy_values_are_checked_and_ip_ranges_normalised(org):
     )
     assert key.allowed_ips == ["10.0.0.1/32", "192.168.0.0/16"]
     assert key.allowed_models == ["a", "b"]
-    assert (
-        key.allows_ip("192.168.3.4")
-    )
-    assert (
-        not key.allows_ip("172.16.0.1")
-    )
-    assert (
-        not key.allows_ip("junk")
-    )
+    assert key.allows_ip("192.168.3.4")
+    assert not key.allows_ip("172.16.0.1")
+    assert not key.allows_ip("junk")
     assert key.allows_model("a")
     assert not key.allows_model("c")
     for bad in (
