@@ -146,7 +146,7 @@ if REDIS_URL:
                 "SOCKET_CONNECT_TIMEOUT": 1,
                 "SOCKET_TIMEOUT": 1,
             },
-            "KEY_PREFIX": "real200",
+            "KEY_PREFIX": env_str("CACHE_KEY_PREFIX", "real200"),
         }
     }
 else:
@@ -214,6 +214,23 @@ LOGGING = {
         "django.request": {"handlers": ["console"], "level": "ERROR", "propagate": False},
     },
 }
+
+# --- Gateway --------------------------------------------------------------------------
+GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 10 * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = GATEWAY_MAX_BODY_BYTES
+GATEWAY_CONNECT_TIMEOUT = env_float("GATEWAY_CONNECT_TIMEOUT", 5.0)
+# A call may run this long in all; its hold lives a little longer, so the books task
+# never releases the hold of a call that is still running.
+GATEWAY_MAX_CALL_SECONDS = env_int("GATEWAY_MAX_CALL_SECONDS", 600)
+GATEWAY_HOLD_SECONDS = GATEWAY_MAX_CALL_SECONDS + 300
+# With no max_tokens, a call goes ahead only if the balance affords the prompt and at
+# least this many output tokens.
+GATEWAY_MIN_REPLY_TOKENS = env_int("GATEWAY_MIN_REPLY_TOKENS", 16)
+GATEWAY_UPSTREAM_CONNECTIONS = env_int("GATEWAY_UPSTREAM_CONNECTIONS", 2000)
+GATEWAY_UPSTREAM_KEEPALIVE = env_int("GATEWAY_UPSTREAM_KEEPALIVE", 200)
+# Behind a reverse proxy, the client address is the last hop this proxy added to
+# X-Forwarded-For; only then is that header believed.
+TRUSTED_PROXIES = env_list("TRUSTED_PROXIES", [])
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [],

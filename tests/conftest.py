@@ -20,6 +20,17 @@ from apps.tenancy.models import Membership, Role, User
 from apps.tenancy.services import organization_create
 
 
+def pytest_configure(config) -> None:
+    # Each xdist worker has its own test database, whose ids start at 1: give each its
+    # own cache namespace on the shared Redis, for this process and the servers it starts.
+    prefix = f"test-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{os.getpid()}"
+    os.environ["CACHE_KEY_PREFIX"] = prefix
+    django_settings.CACHES["default"]["KEY_PREFIX"] = prefix
+    # Test servers speak plain HTTP on loopback.
+    os.environ["HTTPS"] = "0"
+    django_settings.SECURE_SSL_REDIRECT = False
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     on_postgres = django_settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
     skip_pg = pytest.mark.skip(reason="needs PostgreSQL: set DATABASE_URL=postgres://…")
@@ -97,3 +108,22 @@ def run_command(db):
         return out.getvalue().splitlines()
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _forget_process_memos():
+    """Per-process memos (system accounts, routes, key grants) outlive a test's rolled-back
+    rows; start every test without them."""
+    from django.core.cache import cache
+
+    from apps.billing.services import system_accounts_forget
+    from apps.catalog.selectors import routes_forget
+    from apps.keys.selectors import grants_forget
+
+    for forget in (system_accounts_forget, routes_forget, grants_forget):
+        forget()
+    yield
+    for forget in (system_accounts_forget, routes_forget, grants_forget):
+        forget()
+    if not django_settings.REDIS_URL:  # Redis keeps per-worker keys; see pytest_configure
+        cache.clear()

@@ -134,8 +134,9 @@ class Hold(models.Model):
 
     Written before the upstream is called, so it is also the durable record of a call in
     flight: an open hold past `expires_at` belongs to a request that died, and the
-    release task frees it. `amount_nano` is the worst-case cost; settlement charges the
-    metered cost and closes the hold in the same transaction.
+    release task frees it. `amount_nano` is the worst-case cost (zero for a free model:
+    the row still records the call in flight); settlement charges the metered cost and
+    closes the hold in the same transaction.
     """
 
     account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="holds")
@@ -151,7 +152,9 @@ class Hold(models.Model):
 
     class Meta:
         constraints = [
-            models.CheckConstraint(condition=Q(amount_nano__gt=0), name="hold_amount_positive"),
+            models.CheckConstraint(
+                condition=Q(amount_nano__gte=0), name="hold_amount_not_negative"
+            ),
         ]
         indexes = [
             models.Index(

@@ -16,7 +16,7 @@ from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from apps.billing.models import Account, AccountKind, Hold, HoldStatus, Transfer, TransferKind
-from apps.billing.money import Nano
+from apps.billing.money import Nano, Rates, affordable_completion_tokens, call_cost_nano
 from apps.keys.models import ApiKey, BudgetPeriod
 from apps.tenancy.models import Organization, User
 
@@ -38,14 +38,48 @@ def account_for_organization(*, organization: Organization) -> Account:
     return account
 
 
+# System accounts never change identity once created; each process remembers them so a
+# settlement does not look the revenue account up on every call. Only pk and kind of the
+# remembered row are used (balances are always changed with F() in the database).
+_system_accounts: dict[str, Account] = {}
+
+
+_customer_account_ids: dict[int, int] = {}
+
+
+def account_id_for_organization(*, organization_id: int) -> int:
+    """The customer account of an organization (created on first use), remembered per
+    process: the hot path needs only its id, which never changes."""
+    account_id = _customer_account_ids.get(organization_id)
+    if account_id is None:
+        try:
+            account, _ = Account.objects.get_or_create(
+                organization_id=organization_id, defaults={"kind": AccountKind.CUSTOMER}
+            )
+        except IntegrityError:  # a concurrent first call created it
+            account = Account.objects.get(organization_id=organization_id)
+        account_id = _customer_account_ids[organization_id] = account.pk
+    return account_id
+
+
 def system_account(kind: AccountKind) -> Account:
     if kind == AccountKind.CUSTOMER:
         raise ValueError("customer accounts belong to an organization")
+    account = _system_accounts.get(kind)
+    if account is not None:
+        return account
     try:
         account, _ = Account.objects.get_or_create(kind=kind, organization=None)
     except IntegrityError:  # created by a concurrent caller between our get and create
         account = Account.objects.get(kind=kind, organization=None)
+    _system_accounts[kind] = account
     return account
+
+
+def system_accounts_forget() -> None:
+    """Drop the remembered accounts (tests roll them back between cases)."""
+    _system_accounts.clear()
+    _customer_account_ids.clear()
 
 
 def _lock_order(account: Account) -> tuple[bool, int]:
@@ -59,7 +93,7 @@ def transfer_post(
     amount_nano: Nano,
     kind: TransferKind,
     memo: str = "",
-    api_key: ApiKey | None = None,
+    api_key_id: int | None = None,
     created_by: User | None = None,
     idempotency_key: str | None = None,
 ) -> Transfer:
@@ -81,7 +115,7 @@ def transfer_post(
             amount_nano=amount_nano,
             kind=kind,
             memo=memo[:500],
-            api_key=api_key,
+            api_key_id=api_key_id,
             created_by=created_by,
             idempotency_key=idempotency_key,
         )
@@ -149,14 +183,65 @@ def credit_grant(
     )
 
 
-def key_spent_nano(*, api_key: ApiKey, now: datetime) -> Nano:
+@dataclass(frozen=True, slots=True)
+class KeyBudget:
+    """A key's spending limit: `budget_nano` (None: no limit) over its `period`."""
+
+    key_id: int
+    budget_nano: int | None
+    period: str = BudgetPeriod.LIFETIME
+
+
+def key_spent_nano(*, key_id: int, period: str, now: datetime) -> Nano:
     """What a key has spent in its budget window, from its charges: a query, so there is
     no counter that a job must remember to reset at the start of a month."""
-    charges = Transfer.objects.filter(api_key=api_key, kind=TransferKind.CHARGE)
-    if api_key.budget_period == BudgetPeriod.MONTHLY:
+    charges = Transfer.objects.filter(api_key_id=key_id, kind=TransferKind.CHARGE)
+    if period == BudgetPeriod.MONTHLY:
         month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
         charges = charges.filter(created_at__gte=month_start)
     return charges.aggregate(total=Sum("amount_nano"))["total"] or 0
+
+
+def _key_budget_left_nano(key: KeyBudget) -> Nano:
+    """Budget minus spend in the window minus open holds, with the key row locked (SELECT
+    … FOR UPDATE) so two calls cannot both fit into the budget's last dollar. Runs inside
+    the caller's transaction."""
+    ApiKey.objects.select_for_update().filter(pk=key.key_id).first()
+    on_hold = (
+        Hold.objects.filter(api_key_id=key.key_id, status=HoldStatus.OPEN).aggregate(
+            total=Sum("amount_nano")
+        )["total"]
+        or 0
+    )
+    spent = key_spent_nano(key_id=key.key_id, period=key.period, now=timezone.now())
+    return key.budget_nano - spent - on_hold
+
+
+def _open_hold(
+    *,
+    account_id: int,
+    key_id: int | None,
+    request_id: str,
+    amount_nano: Nano,
+    expires_at: datetime,
+    available_nano: Nano | None = None,
+) -> Hold:
+    """Reserve by one conditional UPDATE: any number of concurrent calls, on any number of
+    processes, cannot reserve more than the spendable balance."""
+    placed = Account.objects.filter(
+        pk=account_id, balance_nano__gte=F("held_nano") + amount_nano
+    ).update(held_nano=F("held_nano") + amount_nano)
+    if not placed:
+        if available_nano is None:
+            available_nano = Account.objects.get(pk=account_id).available_nano
+        raise InsufficientFunds(available_nano=available_nano, needed_nano=amount_nano)
+    return Hold.objects.create(
+        account_id=account_id,
+        api_key_id=key_id,
+        request_id=request_id,
+        amount_nano=amount_nano,
+        expires_at=expires_at,
+    )
 
 
 @dataclass(frozen=True)
@@ -166,48 +251,103 @@ class HoldRequest:
     expires_at: datetime
 
 
-def hold_place(*, account: Account, api_key: ApiKey | None, request: HoldRequest) -> Hold:
-    """Reserve `request.amount_nano` of the account's spendable balance (and of the key's
-    budget), atomically, before any byte goes upstream.
-
-    The balance is checked and reserved by one conditional UPDATE, so any number of
-    concurrent calls on any number of processes cannot reserve more than is there. A key
-    with a budget is locked (SELECT … FOR UPDATE) while its spend and open holds are
-    summed, so two calls cannot both fit into the budget's last dollar.
-    Raises InsufficientFunds; nothing is written then.
-    """
+def hold_place(*, account: Account, key: KeyBudget | None, request: HoldRequest) -> Hold:
+    """Reserve a fixed amount of the account's spendable balance and the key's budget.
+    Raises InsufficientFunds; nothing is written then."""
     with transaction.atomic():
-        if api_key is not None and api_key.budget_nano is not None:
-            ApiKey.objects.select_for_update().filter(pk=api_key.pk).first()
-            open_on_key = (
-                Hold.objects.filter(api_key=api_key, status=HoldStatus.OPEN).aggregate(
-                    total=Sum("amount_nano")
-                )["total"]
-                or 0
-            )
-            left = api_key.budget_nano - key_spent_nano(api_key=api_key, now=timezone.now())
-            left -= open_on_key
+        if key is not None and key.budget_nano is not None:
+            left = _key_budget_left_nano(key)
             if request.amount_nano > left:
                 raise InsufficientFunds(
                     available_nano=max(left, 0),
                     needed_nano=request.amount_nano,
                     limited_by="budget",
                 )
-        placed = Account.objects.filter(
-            pk=account.pk, balance_nano__gte=F("held_nano") + request.amount_nano
-        ).update(held_nano=F("held_nano") + request.amount_nano)
-        if not placed:
-            fresh = Account.objects.get(pk=account.pk)
-            raise InsufficientFunds(
-                available_nano=fresh.available_nano, needed_nano=request.amount_nano
-            )
-        return Hold.objects.create(
-            account=account,
-            api_key=api_key,
+        return _open_hold(
+            account_id=account.pk,
+            key_id=key.key_id if key else None,
             request_id=request.request_id,
             amount_nano=request.amount_nano,
             expires_at=request.expires_at,
         )
+
+
+@dataclass(frozen=True)
+class CallQuote:
+    """What a call may cost at most: its prompt, and the output it asks for (or None: as
+    much as the money affords, up to `output_cap`), `n` times over."""
+
+    prompt_tokens: int
+    max_tokens: int | None
+    output_cap: int
+    n: int
+    rates: Rates
+    min_reply_tokens: int
+
+
+class CallNotAffordable(InsufficientFunds):
+    """The money does not cover the call; `affordable_tokens` says what it would cover."""
+
+    def __init__(self, *, affordable_tokens: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.affordable_tokens = max(affordable_tokens, 0)
+
+
+def hold_place_for_call(
+    *,
+    account_id: int,
+    key: KeyBudget | None,
+    request_id: str,
+    expires_at: datetime,
+    quote: CallQuote,
+) -> tuple[Hold, int]:
+    """Hold the worst-case cost of one completion call; returns the hold and the output
+    limit the call runs with.
+
+    With no `max_tokens`, the call is capped at what the balance (and the key's budget)
+    affords, down to `min_reply_tokens`; below that, or when a given `max_tokens` does not
+    fit, CallNotAffordable says how many output tokens the money would cover.
+    """
+    with transaction.atomic():
+        available = Account.objects.get(pk=account_id).available_nano
+        limited_by = "balance"
+        if key is not None and key.budget_nano is not None:
+            left = _key_budget_left_nano(key)
+            if left < available:
+                available, limited_by = max(left, 0), "budget"
+        affordable = (
+            affordable_completion_tokens(
+                available_nano=available, prompt_tokens=quote.prompt_tokens, rates=quote.rates
+            )
+            // quote.n
+        )
+        wanted = quote.max_tokens
+        if wanted is None:
+            wanted = min(quote.output_cap, affordable)
+            if wanted < quote.min_reply_tokens:
+                wanted = quote.min_reply_tokens  # quoted below, and refused
+        worst = call_cost_nano(
+            prompt_tokens=quote.prompt_tokens,
+            cached_tokens=0,
+            completion_tokens=wanted * quote.n,
+            rates=quote.rates,
+        )
+        if worst > available:
+            raise CallNotAffordable(
+                available_nano=available,
+                needed_nano=worst,
+                limited_by=limited_by,
+                affordable_tokens=min(affordable, quote.output_cap),
+            )
+        hold = _open_hold(
+            account_id=account_id,
+            key_id=key.key_id if key else None,
+            request_id=request_id,
+            amount_nano=worst,
+            expires_at=expires_at,
+            available_nano=available,
+        )
+        return hold, wanted
 
 
 def _hold_close(*, hold: Hold, status: HoldStatus) -> bool:
@@ -254,6 +394,6 @@ def hold_settle(
             amount_nano=charged,
             kind=TransferKind.CHARGE,
             memo=memo,
-            api_key=hold.api_key,
+            api_key_id=hold.api_key_id,
         )
         return True, transfer, charged

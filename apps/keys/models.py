@@ -26,6 +26,17 @@ def hash_key(clear_key: str) -> str:
     return hashlib.sha256(clear_key.encode()).hexdigest()
 
 
+def ip_in_ranges(ip: str, cidrs: list[str] | tuple[str, ...]) -> bool:
+    """Whether `ip` falls in any of the CIDR ranges; no ranges means no restriction."""
+    if not cidrs:
+        return True
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
 class BudgetPeriod(models.TextChoices):
     LIFETIME = "lifetime", _("For the key's lifetime")
     MONTHLY = "monthly", _("Per calendar month")
@@ -89,10 +100,4 @@ class ApiKey(models.Model):
         return not self.allowed_models or model in self.allowed_models
 
     def allows_ip(self, ip: str) -> bool:
-        if not self.allowed_ips:
-            return True
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(address in ipaddress.ip_network(cidr, strict=False) for cidr in self.allowed_ips)
+        return ip_in_ranges(ip, self.allowed_ips)

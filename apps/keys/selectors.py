@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from apps.keys.models import KEY_PREFIX, ApiKey, hash_key
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from asgiref.sync import sync_to_async
+from django.core.cache import cache
+
+from apps.keys.models import KEY_PREFIX, KEY_RANDOM_LENGTH, ApiKey, hash_key, ip_in_ranges
+
+KEY_SHAPE = re.compile(rf"^{KEY_PREFIX}[A-Za-z0-9]{{{KEY_RANDOM_LENGTH}}}$")
 
 
 class KeyNotFound(LookupError):
@@ -28,3 +38,91 @@ def key_get_by_reference(*, reference: str) -> ApiKey:
     if key is None:
         raise KeyNotFound(f"no key matches {reference!r}")
     return key
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """What a request authenticated by one key may do: a cacheable copy of the key's row."""
+
+    id: int
+    organization_id: int
+    display: str
+    revoked: bool
+    expires_at: datetime | None
+    allowed_models: tuple[str, ...]
+    allowed_ips: tuple[str, ...]
+    rpm: int | None
+    tpm: int | None
+    budget_nano: int | None
+    budget_period: str
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+    def allows_model(self, model: str) -> bool:
+        return not self.allowed_models or model in self.allowed_models
+
+    def allows_ip(self, ip: str) -> bool:
+        return ip_in_ranges(ip, self.allowed_ips)
+
+    @classmethod
+    def of(cls, key: ApiKey) -> KeyGrant:
+        return cls(
+            id=key.pk,
+            organization_id=key.organization_id,
+            display=key.display,
+            revoked=key.is_revoked,
+            expires_at=key.expires_at,
+            allowed_models=tuple(key.allowed_models),
+            allowed_ips=tuple(key.allowed_ips),
+            rpm=key.rpm,
+            tpm=key.tpm,
+            budget_nano=key.budget_nano,
+            budget_period=key.budget_period,
+        )
+
+
+# Two cache levels. The shared cache (Redis in production) answers for a minute and is
+# cleared by every change to a key, on every process at once. A per-process memo saves
+# that round trip for at most LOCAL_TTL seconds: the bound on how long a revoked key can
+# still pass on a process that has just seen it.
+SHARED_TTL = 60
+LOCAL_TTL = 1.0
+_MISSING = "missing"
+_local: dict[str, tuple[float, KeyGrant | None]] = {}
+
+
+def grant_cache_key(key_hash: str) -> str:
+    return f"apikey:{key_hash}"
+
+
+def _grant_from_db(key_hash: str) -> KeyGrant | None:
+    key = ApiKey.objects.filter(key_hash=key_hash).first()
+    return KeyGrant.of(key) if key is not None else None
+
+
+async def key_authenticate(clear_key: str) -> KeyGrant | None:
+    """The grant of a well-formed, known key (revoked and expired ones included: the
+    caller refuses them with their own message), or None."""
+    if not KEY_SHAPE.match(clear_key):
+        return None
+    key_hash = hash_key(clear_key)
+    now = time.monotonic()
+    memo = _local.get(key_hash)
+    if memo is not None and memo[0] > now:
+        return memo[1]
+    cached = await cache.aget(grant_cache_key(key_hash))
+    if cached is None:
+        grant = await sync_to_async(_grant_from_db)(key_hash)
+        await cache.aset(grant_cache_key(key_hash), grant or _MISSING, SHARED_TTL)
+    else:
+        grant = None if cached == _MISSING else cached
+    if len(_local) > 10_000:  # bound the memo; a flood of distinct bad keys cannot grow it
+        _local.clear()
+    _local[key_hash] = (now + LOCAL_TTL, grant)
+    return grant
+
+
+def grants_forget() -> None:
+    """Drop this process's memo of key grants (tests)."""
+    _local.clear()

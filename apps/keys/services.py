@@ -7,6 +7,8 @@ import secrets
 import string
 from datetime import datetime
 
+from django.core.cache import cache
+from django.db import transaction
 from django.utils import timezone
 
 from apps.keys.models import (
@@ -17,6 +19,7 @@ from apps.keys.models import (
     BudgetPeriod,
     hash_key,
 )
+from apps.keys.selectors import grant_cache_key
 from apps.tenancy.models import Organization, User
 
 _BASE62 = string.ascii_letters + string.digits
@@ -78,11 +81,22 @@ def key_create(
         expires_at=expires_at,
         allowed_ips=normalize_cidrs(allowed_ips or []),
     )
+    _forget_grant(key)  # a lookup made before the key existed may have cached "missing"
     return key, clear
 
 
+def _forget_grant(key: ApiKey) -> None:
+    """Drop the cached grant once the change is committed, so every process reads it anew."""
+    transaction.on_commit(lambda: cache.delete(grant_cache_key(key.key_hash)))
+
+
 def key_revoke(*, key: ApiKey) -> ApiKey:
-    """Revoke a key (idempotent: a revoked key keeps its first revocation time)."""
+    """Revoke a key (idempotent: a revoked key keeps its first revocation time).
+
+    Effective on every process within a second: the shared cache entry is dropped at
+    commit, and per-process memos live one second at most.
+    """
     ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
     key.refresh_from_db(fields=["revoked_at"])
+    _forget_grant(key)
     return key

@@ -82,7 +82,7 @@ class Migration(migrations.Migration):
         ),
         migrations.AddConstraint(
             model_name='hold',
-            constraint=models.CheckConstraint(condition=models.Q(('amount_nano__gt', 0)), name='hold_amount_positive'),
+            constraint=models.CheckConstraint(condition=models.Q(('amount_nano__gte', 0)), name='hold_amount_not_negative'),
         ),
         migrations.AddIndex(
             model_name='transfer',

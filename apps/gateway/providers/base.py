@@ -7,12 +7,13 @@ module: no database, no ledger, no settings. Everything it needs arrives as argu
 Errors are split by what they mean for failover, because retrying a call that an
 upstream may already have processed is how relays bill twice:
 
-- ``UpstreamUnavailable``: nothing was processed (connect error, a 5xx or 429 status, no
-  response headers within the first-byte timeout). The gateway may try the next channel,
-  provided nothing has reached the client yet.
+- ``UpstreamUnavailable``: nothing was processed (connect error, a 5xx or 429 status, a
+  401/403/404/408 that blames the channel rather than the request, no response headers
+  within the first-byte timeout). The gateway may try the next channel, provided nothing
+  has reached the client yet.
 - ``UpstreamFailed``: the upstream accepted the request and then broke (a read timeout
   between chunks, a dropped connection, a malformed body). Never retried.
-- ``UpstreamRejected``: the upstream refused the request itself (a 4xx other than 429);
+- ``UpstreamRejected``: the upstream refused the request itself (any other 4xx);
   retrying elsewhere would fail the same way, so the status is passed to the customer.
 """
 
@@ -138,7 +139,8 @@ class UpstreamFailed(UpstreamError):
 
 
 class UpstreamRejected(UpstreamError):
-    """The upstream refused the request (4xx other than 429); ``body`` is its error."""
+    """The upstream refused the request (a 4xx that does not blame the channel); ``body`` is
+    its error in OpenAI's shape."""
 
     def __init__(self, message: str, *, status: int, body: dict[str, Any] | None = None):
         super().__init__(message, status=status)

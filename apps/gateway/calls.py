@@ -1,0 +1,563 @@
+"""One completion call, from the key's policy to settlement.
+
+The view parses and answers; this module decides: which model and channels, how much to
+hold, how to fail over, what to bill. Each database step is one sync function run with
+one `sync_to_async`, because a transaction cannot span async code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import string
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import orjson
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connection
+from django.utils import timezone
+
+from apps.billing.models import Hold
+from apps.billing.money import format_usd
+from apps.billing.services import (
+    CallNotAffordable,
+    CallQuote,
+    InsufficientFunds,
+    KeyBudget,
+    account_id_for_organization,
+    hold_place_for_call,
+)
+from apps.catalog.selectors import ChannelRoute, Route, callable_models, route_for_model
+from apps.gateway import metrics
+from apps.gateway.errors import (
+    GatewayError,
+    InsufficientQuota,
+    InvalidApiKey,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    UpstreamBadGateway,
+    UpstreamOverloaded,
+    UpstreamRefused,
+    UpstreamTimeout,
+)
+from apps.gateway.providers import get_provider
+from apps.gateway.providers.base import (
+    ChatRequest,
+    Completion,
+    StreamEvent,
+    Upstream,
+    UpstreamError,
+    UpstreamFailed,
+    UpstreamRejected,
+    UpstreamUnavailable,
+    Usage,
+    UsageEvent,
+)
+from apps.gateway.tokens import count_prompt_tokens, count_text_tokens
+from apps.gateway.validation import ValidRequest
+from apps.keys.selectors import KeyGrant
+from apps.usage.models import EndReason, UsageRecord, UsageSource
+from apps.usage.services import CallOutcome, call_settle
+
+logger = logging.getLogger(__name__)
+
+_ID_ALPHABET = string.ascii_letters + string.digits
+# Counting a long prompt takes a millisecond or more of CPU: past this size it runs in a
+# worker thread so the event loop keeps serving other streams.
+_OFF_LOOP_PROMPT_CHARS = 20_000
+
+
+def new_call_id() -> str:
+    return "chatcmpl-" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(29))
+
+
+def _release_connection() -> None:
+    """Give the database connection back to the pool before the upstream is awaited, so a
+    slow upstream never holds one (inside a test's transaction there is nothing to give)."""
+    if not connection.in_atomic_block:
+        connection.close()
+
+
+@dataclass
+class Call:
+    """The state of one call while it runs; what settlement is computed from."""
+
+    id: str
+    grant: KeyGrant
+    request: ValidRequest
+    route: Route
+    channels: list[ChannelRoute]
+    prompt_tokens: int
+    max_tokens: int
+    hold: Hold
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.monotonic)
+    channel: ChannelRoute | None = None
+    accepted: bool = False  # the upstream accepted the request: it may bill us
+    first_token_at: float | None = None
+    generated: list[str] = field(default_factory=list)  # text delivered, for local counting
+    usage: Usage | None = None  # the upstream's own count, last value wins
+    end_reason: str = EndReason.DONE
+    status_code: int = 200
+    settled: bool = False
+
+    @property
+    def chat(self) -> ChatRequest:
+        body = dict(self.request.body)
+        body[self.request.max_tokens_field] = self.max_tokens
+        return ChatRequest(body=body, max_tokens=self.max_tokens)
+
+    def upstream(self, channel: ChannelRoute) -> Upstream:
+        return Upstream(
+            base_url=channel.base_url,
+            api_key=channel.api_key,
+            model=channel.upstream_model,
+            connect_timeout=settings.GATEWAY_CONNECT_TIMEOUT,
+            first_byte_timeout=channel.timeout_seconds,
+            chunk_timeout=channel.timeout_seconds,
+            supports_stream_usage=channel.settings.get("stream_usage", True),
+            settings=channel.settings,
+        )
+
+
+# --- Before the upstream ------------------------------------------------------------------
+
+
+def check_policy(grant: KeyGrant, model: str, client_ip: str) -> None:
+    """The key's own rules, in the order a customer would want them explained."""
+    if grant.revoked:
+        raise InvalidApiKey(f"The API key {grant.display} has been revoked.")
+    if grant.is_expired(timezone.now()):
+        raise InvalidApiKey(f"The API key {grant.display} has expired.")
+    if not grant.allows_ip(client_ip):
+        raise PermissionDenied(f"This key may not be used from {client_ip}.", code="ip_not_allowed")
+    if not grant.allows_model(model):
+        raise PermissionDenied(
+            f"This key may not use the model '{model}'.", param="model", code="model_not_allowed"
+        )
+
+
+async def resolve_route(model: str) -> Route:
+    route = await route_for_model(model)
+    if route is None:
+        raise NotFound(
+            f"The model '{model}' does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+    return route
+
+
+async def estimate_prompt_tokens(request: ValidRequest) -> int:
+    messages, tools = request.body["messages"], request.body.get("tools")
+    if sum(len(str(m.get("content") or "")) for m in messages) < _OFF_LOOP_PROMPT_CHARS:
+        return count_prompt_tokens(messages, request.model, tools)
+    return await sync_to_async(count_prompt_tokens, thread_sensitive=False)(
+        messages, request.model, tools
+    )
+
+
+def _place_hold(grant: KeyGrant, call_id: str, quote: CallQuote) -> tuple[Hold, int]:
+    try:
+        return hold_place_for_call(
+            account_id=account_id_for_organization(organization_id=grant.organization_id),
+            key=KeyBudget(
+                key_id=grant.id, budget_nano=grant.budget_nano, period=grant.budget_period
+            ),
+            request_id=call_id,
+            expires_at=timezone.now() + timedelta(seconds=settings.GATEWAY_HOLD_SECONDS),
+            quote=quote,
+        )
+    finally:
+        _release_connection()
+
+
+def _quota_error(refusal: InsufficientFunds, quote: CallQuote) -> InsufficientQuota:
+    what = "your key's remaining budget" if refusal.limited_by == "budget" else "your balance"
+    affordable = getattr(refusal, "affordable_tokens", None)
+    if affordable is None:
+        message = (
+            f"This call needs up to ${format_usd(refusal.needed_nano, 6)}, more than "
+            f"{what} of ${format_usd(refusal.available_nano, 6)}. Top up your balance."
+        )
+    elif affordable < max(quote.min_reply_tokens, 1):
+        message = (
+            f"{what.capitalize()} of ${format_usd(refusal.available_nano, 6)} does not cover "
+            f"this prompt and a short reply (${format_usd(refusal.needed_nano, 6)}). "
+            "Top up your balance."
+        )
+    else:
+        message = (
+            f"{what.capitalize()} of ${format_usd(refusal.available_nano, 6)} affords at most "
+            f"{affordable} output tokens for this prompt; this call asks for up to "
+            f"{quote.max_tokens} (${format_usd(refusal.needed_nano, 6)}). Lower max_tokens "
+            "or top up your balance."
+        )
+    return InsufficientQuota(
+        message,
+        extra={
+            "balance": format_usd(refusal.available_nano),
+            "estimated_cost": format_usd(refusal.needed_nano),
+            "affordable_max_tokens": affordable if affordable is not None else 0,
+        },
+    )
+
+
+async def open_call(
+    *, call_id: str, grant: KeyGrant, request: ValidRequest, client_ip: str
+) -> Call:
+    """Policy, route, prompt estimate and hold: everything that must hold before a byte
+    goes upstream. Raises a GatewayError (and holds nothing) when the call may not go."""
+    check_policy(grant, request.model, client_ip)
+    route = await resolve_route(request.model)
+    if request.max_tokens is not None and request.max_tokens > route.max_output_tokens:
+        raise InvalidRequest(
+            f"'{request.max_tokens_field}' is too large: {request.max_tokens}. The model "
+            f"'{request.model}' produces at most {route.max_output_tokens} output tokens.",
+            param=request.max_tokens_field,
+        )
+    channels = route.channels_in_order()
+    if request.n > 1:
+        channels = [c for c in channels if c.kind == "openai"]
+        if not channels:
+            raise InvalidRequest(
+                f"'n' greater than 1 is not supported for the model '{request.model}'.",
+                param="n",
+            )
+    quote = CallQuote(
+        prompt_tokens=await estimate_prompt_tokens(request),
+        max_tokens=request.max_tokens,
+        output_cap=route.max_output_tokens,
+        n=request.n,
+        rates=route.price,
+        min_reply_tokens=settings.GATEWAY_MIN_REPLY_TOKENS,
+    )
+    try:
+        hold, max_tokens = await sync_to_async(_place_hold)(grant, call_id, quote)
+    except (CallNotAffordable, InsufficientFunds) as refusal:
+        metrics.REFUSED_FOR_QUOTA.labels(model=request.model).inc()
+        raise _quota_error(refusal, quote) from None
+    return Call(
+        id=call_id,
+        grant=grant,
+        request=request,
+        route=route,
+        channels=channels,
+        prompt_tokens=quote.prompt_tokens,
+        max_tokens=max_tokens,
+        hold=hold,
+    )
+
+
+# --- Upstream ----------------------------------------------------------------------------
+
+_clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+
+
+def upstream_client() -> httpx.AsyncClient:
+    """One pooled client per event loop (one per worker process in production)."""
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        for stale in [old for old in _clients if old.is_closed()]:
+            del _clients[stale]
+        client = _clients[loop] = httpx.AsyncClient(
+            limits=httpx.Limits(
+                max_connections=settings.GATEWAY_UPSTREAM_CONNECTIONS,
+                max_keepalive_connections=settings.GATEWAY_UPSTREAM_KEEPALIVE,
+            ),
+            follow_redirects=False,
+        )
+    return client
+
+
+def _all_failed(errors: list[UpstreamError], model: str) -> GatewayError:
+    if errors and all(getattr(e, "timeout", False) for e in errors):
+        return UpstreamTimeout(f"Every upstream for '{model}' timed out. Please retry.")
+    if errors and all(e.status == 429 for e in errors):
+        return UpstreamOverloaded(f"Every upstream for '{model}' is overloaded. Please retry.")
+    return UpstreamBadGateway(f"Every upstream for '{model}' failed. Please retry.")
+
+
+def _rejected(call: Call, error: UpstreamRejected) -> GatewayError:
+    message = str(error) or "The upstream provider rejected the request."
+    return UpstreamRefused(message, status=error.status or 400)
+
+
+def upstream_failure(call: Call, error: UpstreamFailed) -> GatewayError:
+    """The upstream broke after accepting the call: never retried (it may bill us)."""
+    if call.channel is not None:
+        metrics.UPSTREAM_ERRORS.labels(channel=call.channel.name, kind="failed").inc()
+    call.end_reason = EndReason.TIMEOUT if error.timeout else EndReason.UPSTREAM_ERROR
+    if error.timeout:
+        return UpstreamTimeout("The upstream provider stopped answering. Please retry.")
+    return UpstreamBadGateway("The upstream provider failed while answering. Please retry.")
+
+
+def _note_unavailable(call: Call, channel: ChannelRoute, error: UpstreamUnavailable) -> None:
+    metrics.UPSTREAM_ERRORS.labels(channel=channel.name, kind="unavailable").inc()
+    logger.warning("call %s: channel %s unavailable: %s", call.id, channel.name, error)
+
+
+async def complete(call: Call) -> Completion:
+    """Forward a non-streamed call, trying the next channel only while nothing can have
+    been processed upstream."""
+    errors: list[UpstreamError] = []
+    for channel in call.channels:
+        call.channel = channel
+        try:
+            completion = await get_provider(channel.kind).complete(
+                call.chat, call.upstream(channel), upstream_client()
+            )
+        except UpstreamUnavailable as error:
+            _note_unavailable(call, channel, error)
+            errors.append(error)
+            continue
+        except UpstreamRejected as error:
+            call.status_code = error.status or 400
+            call.end_reason = EndReason.UPSTREAM_ERROR
+            raise _rejected(call, error) from None
+        except UpstreamFailed as error:
+            call.accepted = True
+            failure = upstream_failure(call, error)
+            call.status_code = failure.status
+            raise failure from None
+        call.accepted = True
+        call.first_token_at = time.monotonic()
+        call.usage = completion.usage
+        if completion.usage is None:
+            call.generated.extend(_completion_texts(completion.response))
+        return completion
+    call.end_reason = EndReason.UPSTREAM_ERROR
+    error = _all_failed(errors, call.request.model)
+    call.status_code = error.status
+    raise error
+
+
+def _completion_texts(response: dict[str, Any]) -> list[str]:
+    texts = []
+    for choice in response.get("choices") or []:
+        message = choice.get("message") or {}
+        texts.append(message.get("content") or "")
+        texts.append(message.get("refusal") or "")
+        for tool_call in message.get("tool_calls") or []:
+            function = tool_call.get("function") or {}
+            texts.append(function.get("name", "") + function.get("arguments", ""))
+    return texts
+
+
+async def open_stream(call: Call) -> tuple[StreamEvent, AsyncIterator[StreamEvent]]:
+    """Start a streamed call and wait for its first event, failing over until one
+    channel answers. Nothing has reached the client yet, so a failure here can still be
+    an ordinary HTTP error."""
+    errors: list[UpstreamError] = []
+    for channel in call.channels:
+        call.channel = channel
+        events = get_provider(channel.kind).stream(
+            call.chat, call.upstream(channel), upstream_client()
+        )
+        try:
+            first = await anext(events)
+        except UpstreamUnavailable as error:
+            await events.aclose()
+            _note_unavailable(call, channel, error)
+            errors.append(error)
+            continue
+        except UpstreamRejected as error:
+            await events.aclose()
+            call.status_code = error.status or 400
+            call.end_reason = EndReason.UPSTREAM_ERROR
+            raise _rejected(call, error) from None
+        except (UpstreamFailed, StopAsyncIteration) as error:
+            await events.aclose()
+            call.accepted = True
+            if isinstance(error, StopAsyncIteration):
+                error = UpstreamFailed("the upstream closed the stream without an event")
+            failure = upstream_failure(call, error)
+            call.status_code = failure.status
+            raise failure from None
+        call.accepted = True
+        return first, events
+    call.end_reason = EndReason.UPSTREAM_ERROR
+    error = _all_failed(errors, call.request.model)
+    call.status_code = error.status
+    raise error
+
+
+# --- Shapes sent to the customer -----------------------------------------------------------
+
+
+def usage_body(usage: Usage) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+    if usage.cached_tokens:
+        body["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    return body
+
+
+def completion_body(call: Call, completion: Completion) -> dict[str, Any]:
+    """The `chat.completion` object: real200's id, the model name the customer asked for."""
+    choices = completion.response.get("choices") or []
+    for index, choice in enumerate(choices):
+        choice.setdefault("index", index)
+        choice.setdefault("logprobs", None)
+        choice.setdefault("finish_reason", "stop")
+        message = choice.setdefault("message", {"role": "assistant", "content": None})
+        message.setdefault("role", "assistant")
+        message.setdefault("content", None)
+        message.setdefault("refusal", None)
+    body = {
+        "id": call.id,
+        "object": "chat.completion",
+        "created": call.created,
+        "model": call.request.model,
+        "choices": choices,
+        "usage": usage_body(billed_usage(call)),
+    }
+    if completion.response.get("system_fingerprint"):
+        body["system_fingerprint"] = completion.response["system_fingerprint"]
+    return body
+
+
+class StreamWriter:
+    """Turns adapter events into the customer's SSE bytes, and records what was sent."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self._head = (
+            b'{"id":"'
+            + call.id.encode()
+            + b'","object":"chat.completion.chunk","created":'
+            + str(call.created).encode()
+            + b',"model":'
+            + orjson.dumps(call.request.model)
+        )
+
+    def event(self, event: StreamEvent) -> bytes | None:
+        if isinstance(event, UsageEvent):
+            self.call.usage = event.usage
+            return None
+        if self.call.first_token_at is None:
+            self.call.first_token_at = time.monotonic()
+        if event.text:
+            self.call.generated.append(event.text)
+        for index, choice in enumerate(event.choices):
+            choice.setdefault("index", index)
+            choice.setdefault("finish_reason", None)
+        tail = b',"choices":' + orjson.dumps(event.choices)
+        if event.system_fingerprint:
+            tail += b',"system_fingerprint":' + orjson.dumps(event.system_fingerprint)
+        if self.call.request.include_usage:
+            tail += b',"usage":null'
+        return b"data: " + self._head + tail + b"}\n\n"
+
+    def usage_chunk(self) -> bytes:
+        usage = orjson.dumps(usage_body(billed_usage(self.call)))
+        return b"data: " + self._head + b',"choices":[],"usage":' + usage + b"}\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+# --- Settlement ---------------------------------------------------------------------------
+
+
+def billed_usage(call: Call) -> Usage:
+    """What the call is billed for: the upstream's own count when it gave one and the
+    call ran to its end; otherwise our count of what was delivered.
+
+    Never more output than `max_tokens` allows: an estimate is capped there (an upstream
+    that reports more than it was allowed is billed no further than the hold covered).
+    Nothing is billed for a call that delivered no output because the upstream failed:
+    error text is never output.
+    """
+    if call.usage is not None and call.end_reason == EndReason.DONE:
+        return call.usage
+    if not call.accepted:
+        return Usage(prompt_tokens=0, completion_tokens=0)
+    text = "".join(call.generated)
+    if not text and call.end_reason in (EndReason.UPSTREAM_ERROR, EndReason.TIMEOUT):
+        return Usage(prompt_tokens=0, completion_tokens=0)
+    completion = min(count_text_tokens(text, call.request.model), call.max_tokens * call.request.n)
+    if call.usage is not None:  # a partial count from the upstream (cumulative): trust the larger
+        completion = max(
+            completion, min(call.usage.completion_tokens, call.max_tokens * call.request.n)
+        )
+        return Usage(
+            prompt_tokens=call.usage.prompt_tokens or call.prompt_tokens,
+            completion_tokens=completion,
+            cached_tokens=call.usage.cached_tokens,
+        )
+    return Usage(prompt_tokens=call.prompt_tokens, completion_tokens=completion)
+
+
+def _outcome(call: Call, usage: Usage) -> CallOutcome:
+    now = time.monotonic()
+    from_upstream = call.usage is not None and usage is call.usage
+    return CallOutcome(
+        request_id=call.id,
+        organization_id=call.grant.organization_id,
+        api_key_id=call.grant.id,
+        model=call.request.model,
+        price_id=call.route.price.id,
+        channel_id=call.channel.id if call.channel else None,
+        prompt_tokens=usage.prompt_tokens,
+        cached_tokens=usage.cached_tokens,
+        completion_tokens=usage.completion_tokens,
+        usage_source=UsageSource.UPSTREAM if from_upstream else UsageSource.ESTIMATED,
+        end_reason=call.end_reason,
+        status_code=call.status_code,
+        is_stream=call.request.stream,
+        latency_ms=int((now - call.started) * 1000),
+        ttft_ms=int((call.first_token_at - call.started) * 1000) if call.first_token_at else None,
+    )
+
+
+def _settle_sync(call: Call, outcome: CallOutcome) -> UsageRecord | None:
+    try:
+        return call_settle(hold=call.hold, outcome=outcome, rates=call.route.price)
+    finally:
+        _release_connection()
+
+
+async def settle(call: Call) -> None:
+    """Settle exactly once, whatever happened. Shielded by the callers, so a client that
+    disconnects cannot cancel it halfway."""
+    if call.settled:
+        return
+    call.settled = True
+    usage = billed_usage(call)
+    outcome = _outcome(call, usage)
+    try:
+        record = await sync_to_async(_settle_sync)(call, outcome)
+    except Exception:
+        # The hold stays open: the books task settles or releases it (issue: the books).
+        logger.exception(
+            "call %s: settlement failed; its hold %s stays open", call.id, call.hold.pk
+        )
+        return
+    metrics.observe_call(outcome, record.charged_nano if record else 0)
+
+
+def _models_for_key(grant: KeyGrant) -> list[dict[str, Any]]:
+    return [
+        {"id": model.name, "object": "model", "created": model.created, "owned_by": model.owned_by}
+        for model in callable_models()
+        if grant.allows_model(model.name)
+    ]
+
+
+async def models_for_key(grant: KeyGrant) -> list[dict[str, Any]]:
+    """The models this key may call, in OpenAI's model shape."""
+    return await sync_to_async(_models_for_key)(grant)

@@ -1,0 +1,262 @@
+"""The /v1 API: thin async views over apps.gateway.calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import orjson
+from adrf.views import APIView
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from rest_framework import exceptions as drf_exceptions
+
+from apps.gateway import calls, metrics
+from apps.gateway.errors import (
+    GatewayError,
+    InvalidApiKey,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    RequestTooLarge,
+    UpstreamTimeout,
+    sse_error_event,
+)
+from apps.gateway.providers.base import UpstreamFailed
+from apps.gateway.validation import validate_chat_request
+from apps.keys.selectors import KeyGrant, key_authenticate
+from apps.usage.models import EndReason
+
+logger = logging.getLogger(__name__)
+
+
+def client_ip(request: HttpRequest) -> str:
+    """The caller's address; a trusted proxy's X-Forwarded-For is believed, no other."""
+    remote = request.META.get("REMOTE_ADDR", "")
+    forwarded = request.META.get("HTTP_X_FORWARDED_FOR")
+    if forwarded and remote in settings.TRUSTED_PROXIES:
+        return forwarded.split(",")[-1].strip()
+    return remote
+
+
+async def authenticate(request: HttpRequest) -> KeyGrant:
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise InvalidApiKey(
+            "You didn't provide an API key. Send it in the Authorization header as "
+            "'Bearer sk-real200-…'."
+        )
+    if scheme.lower() != "bearer" or not token.strip():
+        raise InvalidApiKey("The Authorization header must be 'Bearer sk-real200-…'.")
+    grant = await key_authenticate(token.strip())
+    if grant is None:
+        raise InvalidApiKey("Incorrect API key provided. Find your keys in the dashboard.")
+    return grant
+
+
+class OpenAIView(APIView):
+    """Base of every /v1 view: no DRF auth or parsing (the gateway does its own, once),
+    every error in OpenAI's shape, and an `x-request-id` on every answer."""
+
+    authentication_classes: list = []
+    permission_classes: list = []
+    throttle_classes: list = []
+
+    def initial(self, request, *args, **kwargs) -> None:
+        self.request_id = getattr(self, "request_id", None) or "req_" + secrets.token_hex(12)
+
+    def handle_exception(self, exc: Exception) -> HttpResponse:
+        if isinstance(exc, GatewayError):
+            return exc.response()
+        if isinstance(exc, drf_exceptions.MethodNotAllowed):
+            return MethodNotAllowed(
+                f"Method {self.request.method} is not allowed on {self.request.path}."
+            ).response()
+        logger.exception("request %s failed", self.request_id)
+        return GatewayError(
+            f"The server had an error while processing your request (request id "
+            f"{self.request_id}). Please retry; contact support if it persists."
+        ).response()
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        response["x-request-id"] = self.request_id
+        return response
+
+
+class ChatCompletionsView(OpenAIView):
+    async def post(self, request, *args, **kwargs) -> HttpResponse:
+        self.request_id = calls.new_call_id()
+        started = time.monotonic()
+        model = ""
+        try:
+            raw = _read_body(request._request)
+            grant = await authenticate(request._request)
+            valid = validate_chat_request(_parse_json(raw))
+            model = valid.model
+            call = await calls.open_call(
+                call_id=self.request_id,
+                grant=grant,
+                request=valid,
+                client_ip=client_ip(request._request),
+            )
+        except GatewayError as error:
+            metrics.REQUESTS.labels(model=model, status=str(error.status)).inc()
+            return error.response()
+        if valid.stream:
+            return await _stream(call)
+        return await _complete(call, started)
+
+
+def _read_body(request: HttpRequest) -> bytes:
+    limit = settings.GATEWAY_MAX_BODY_BYTES
+    too_large = RequestTooLarge(
+        f"The request body is larger than {limit // (1024 * 1024)} MiB. Send fewer or "
+        "smaller messages."
+    )
+    try:
+        if int(request.META.get("CONTENT_LENGTH") or 0) > limit:
+            raise too_large
+        return request.body
+    except RequestDataTooBig:
+        raise too_large from None
+    except ValueError:
+        raise InvalidRequest("The Content-Length header is not a number.") from None
+
+
+def _parse_json(raw: bytes) -> object:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "The request body is not valid JSON. Send a JSON object with "
+            "'Content-Type: application/json'."
+        ) from None
+
+
+async def _complete(call: calls.Call, started: float) -> HttpResponse:
+    try:
+        completion = await calls.complete(call)
+    except GatewayError as error:
+        await asyncio.shield(calls.settle(call))
+        metrics.REQUESTS.labels(model=call.request.model, status=str(error.status)).inc()
+        return error.response()
+    except asyncio.CancelledError:
+        call.end_reason = EndReason.CLIENT_GONE
+        call.status_code = 499
+        await asyncio.shield(calls.settle(call))
+        raise
+    body = calls.completion_body(call, completion)
+    await asyncio.shield(calls.settle(call))
+    metrics.REQUESTS.labels(model=call.request.model, status="200").inc()
+    return HttpResponse(orjson.dumps(body), content_type="application/json")
+
+
+async def _stream(call: calls.Call) -> HttpResponse:
+    try:
+        first, events = await calls.open_stream(call)
+    except GatewayError as error:
+        await asyncio.shield(calls.settle(call))
+        metrics.REQUESTS.labels(model=call.request.model, status=str(error.status)).inc()
+        return error.response()
+    except asyncio.CancelledError:
+        call.end_reason = EndReason.CLIENT_GONE
+        call.status_code = 499
+        await asyncio.shield(calls.settle(call))
+        raise
+    metrics.REQUESTS.labels(model=call.request.model, status="200").inc()
+    response = StreamingHttpResponse(
+        _relay(call, first, events), content_type="text/event-stream; charset=utf-8"
+    )
+    # Proxies must pass each chunk on as it comes; compression would merge or break them.
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+async def _relay(call: calls.Call, first, events: AsyncIterator) -> AsyncIterator[bytes]:
+    """The SSE body: each upstream chunk as it arrives, then usage if asked, then [DONE].
+
+    Settlement happens in `finally`, shielded: whether the stream ends, the upstream
+    fails, or the client goes away (CancelledError at the current await), the call is
+    billed exactly once, and the upstream connection is closed at once.
+    """
+    writer = calls.StreamWriter(call)
+    deadline = call.started + settings.GATEWAY_MAX_CALL_SECONDS
+    try:
+        chunk = writer.event(first)
+        if chunk:
+            yield chunk
+        async for event in events:
+            chunk = writer.event(event)
+            if chunk:
+                yield chunk
+            if time.monotonic() > deadline:
+                call.end_reason = EndReason.TIMEOUT
+                yield sse_error_event(
+                    UpstreamTimeout("The call ran past the longest time a call may take.")
+                )
+                return
+        if call.request.include_usage:
+            yield writer.usage_chunk()
+        yield calls.DONE
+    except UpstreamFailed as error:
+        yield sse_error_event(calls.upstream_failure(call, error))
+    except asyncio.CancelledError:
+        call.end_reason = EndReason.CLIENT_GONE
+        raise
+    finally:
+        await asyncio.shield(_close_and_settle(call, events))
+
+
+async def _close_and_settle(call: calls.Call, events) -> None:
+    await events.aclose()
+    await calls.settle(call)
+
+
+class ModelListView(OpenAIView):
+    async def get(self, request, *args, **kwargs) -> HttpResponse:
+        try:
+            grant = await authenticate(request._request)
+        except GatewayError as error:
+            return error.response()
+        models = await calls.models_for_key(grant)
+        body = {"object": "list", "data": models}
+        return HttpResponse(orjson.dumps(body), content_type="application/json")
+
+
+class ModelDetailView(OpenAIView):
+    async def get(self, request, model_id: str, *args, **kwargs) -> HttpResponse:
+        try:
+            grant = await authenticate(request._request)
+            for model in await calls.models_for_key(grant):
+                if model["id"] == model_id:
+                    return HttpResponse(orjson.dumps(model), content_type="application/json")
+            raise NotFound(
+                f"The model '{model_id}' does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
+        except GatewayError as error:
+            return error.response()
+
+
+class UnknownEndpointView(OpenAIView):
+    """Any other /v1 path: OpenAI's 404, not an HTML page."""
+
+    async def _not_found(self, request, *args, **kwargs) -> HttpResponse:
+        return NotFound(
+            f"Unknown endpoint {request.method} {request.path}.", code="unknown_url"
+        ).response()
+
+    get = post = put = patch = delete = _not_found
+
+
+async def metrics_view(request: HttpRequest) -> HttpResponse:
+    payload, content_type = metrics.render()
+    return HttpResponse(payload, content_type=content_type)
