@@ -40,6 +40,10 @@ class Account(models.Model):
     )
     balance_nano = models.BigIntegerField(default=0)
     held_nano = models.BigIntegerField(default=0)
+    # Low-balance alert: the owners are emailed once when the available balance falls
+    # below the threshold (null: never), and again only after a top-up lifts it above.
+    low_balance_threshold_nano = models.BigIntegerField(null=True, blank=True)
+    is_low_balance_alerted = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -165,3 +169,96 @@ class Hold(models.Model):
 
     def __str__(self) -> str:
         return f"hold {self.request_id} {self.amount_nano} {self.status}"
+
+
+class ReconciliationReport(models.Model):
+    """What one reconciliation run found. Stored, never edited; an unclean report is
+    also logged at error level and emailed to the operators."""
+
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField()
+    is_clean = models.BooleanField()
+    accounts = models.PositiveIntegerField()
+    transfers = models.PositiveIntegerField()
+    usage_records = models.PositiveIntegerField(default=0)
+    total_nano = models.BigIntegerField()  # the sum over all accounts: zero when clean
+    problems = models.JSONField(default=list)
+
+    class Meta:
+        get_latest_by = "finished_at"
+
+    def __str__(self) -> str:
+        verdict = "clean" if self.is_clean else "PROBLEMS"
+        return f"reconciliation {self.finished_at:%Y-%m-%d %H:%M} {verdict}"
+
+
+class RedemptionCode(models.Model):
+    """A prepaid code an operator minted, worth `amount_nano`, redeemable once.
+
+    Only the SHA-256 of the code is kept (like API keys): a leaked database cannot be
+    redeemed. `transfer` is the credit it made; its one-to-one uniqueness, with the
+    conditional claim in the service, makes a second redemption impossible.
+    """
+
+    code_hash = models.CharField(max_length=64, unique=True)
+    last_four = models.CharField(max_length=4)
+    batch = models.CharField(max_length=100, blank=True)
+    amount_nano = models.BigIntegerField()
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    redeemed_by_organization = models.ForeignKey(
+        Organization, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    redeemed_by_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    redeemed_at = models.DateTimeField(null=True, blank=True)
+    transfer = models.OneToOneField(
+        Transfer, null=True, blank=True, on_delete=models.PROTECT, related_name="redemption"
+    )
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(amount_nano__gt=0), name="code_amount_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"code …{self.last_four} ({self.batch})"
+
+
+class CheckoutStatus(models.TextChoices):
+    OPEN = "open", _("Open")
+    COMPLETED = "completed", _("Paid")
+    EXPIRED = "expired", _("Expired")
+
+
+class StripeCheckout(models.Model):
+    """A Stripe Checkout session created for a top-up. The webhook credits it once: the
+    transfer's idempotency key is the session id, whatever the number of deliveries."""
+
+    session_id = models.CharField(max_length=255, unique=True)
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
+    amount_nano = models.BigIntegerField()
+    currency = models.CharField(max_length=3, default="usd")
+    status = models.CharField(
+        max_length=10, choices=CheckoutStatus.choices, default=CheckoutStatus.OPEN
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    transfer = models.OneToOneField(
+        Transfer, null=True, blank=True, on_delete=models.PROTECT, related_name="checkout"
+    )
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(amount_nano__gt=0), name="checkout_amount_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"checkout {self.session_id} {self.status}"

@@ -68,3 +68,40 @@ class UsageRecord(models.Model):
 
     def __str__(self) -> str:
         return self.request_id
+
+
+class RollupPeriod(models.TextChoices):
+    HOUR = "hour", _("Hour")
+    DAY = "day", _("Day")
+
+
+class UsageRollup(models.Model):
+    """Usage summed per organization, key and model over one hour or one day (UTC), for
+    the dashboard's charts and exports. Derived data: the rollup task recomputes a whole
+    bucket from the usage records and overwrites it, so running it twice is harmless."""
+
+    organization = models.ForeignKey(Organization, on_delete=models.CASCADE, related_name="+")
+    api_key = models.ForeignKey(ApiKey, null=True, on_delete=models.CASCADE, related_name="+")
+    model = models.CharField(max_length=100)
+    period = models.CharField(max_length=4, choices=RollupPeriod.choices)
+    period_start = models.DateTimeField()
+    requests = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    cost_nano = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "api_key", "model", "period", "period_start"],
+                name="one_rollup_per_bucket",
+                nulls_distinct=False,
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["organization", "period", "period_start"], name="rollup_org_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.organization} {self.model} {self.period} {self.period_start:%Y-%m-%d %H:00}"
