@@ -117,6 +117,9 @@ if DATABASE_URL:
             "max_size": env_int("DB_POOL_MAX", 20),
             "timeout": env_float("DB_POOL_TIMEOUT", 10.0),
         }
+        # A pooled connection can die with the server (restart, failover): Django then has
+        # the pool check each one on the way out rather than fail the request that draws it.
+        _db["CONN_HEALTH_CHECKS"] = True
     DATABASES = {"default": _db}
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
@@ -155,6 +158,8 @@ else:
 # --- Celery ---------------------------------------------------------------------------
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_TASK_ALWAYS_EAGER = not REDIS_URL
+# One queue name per deployment sharing a Redis (tests give each parallel worker its own).
+CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_QUEUE", "real200")
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_TIME_LIMIT = 300
 CELERY_TASK_SOFT_TIME_LIMIT = 240

@@ -26,6 +26,12 @@ def pytest_configure(config) -> None:
     prefix = f"test-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{os.getpid()}"
     os.environ["CACHE_KEY_PREFIX"] = prefix
     django_settings.CACHES["default"]["KEY_PREFIX"] = prefix
+    # Likewise a Celery queue of its own: a worker started by one test process must never
+    # take a task meant for another's database.
+    os.environ["CELERY_QUEUE"] = prefix
+    from config.celery import app as celery_app
+
+    celery_app.conf.task_default_queue = prefix
     # Test servers speak plain HTTP on loopback.
     os.environ["HTTPS"] = "0"
     django_settings.SECURE_SSL_REDIRECT = False

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -31,9 +33,22 @@ def database_url_for_subprocess() -> str:
     return f"postgres://{user}@{host}:{port}/{params['NAME']}"
 
 
+@dataclass
+class RunningServer:
+    url: str
+    pid: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
 @contextmanager
-def real200_server(*, workers: int = 1, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start `platform/serve` on a free port; yield its base URL once /healthz answers."""
+def real200_server(
+    *, workers: int = 1, env: dict[str, str] | None = None
+) -> Iterator[RunningServer]:
+    """Start `platform/serve` on a free port; yield it once /healthz answers. The process
+    group is ended afterwards (if a test has not killed it already)."""
     port = free_port()
     full_env = {
         **os.environ,
@@ -45,20 +60,22 @@ def real200_server(*, workers: int = 1, env: dict[str, str] | None = None) -> It
         "PYTHON": str(Path(os.sys.executable)),
         **(env or {}),
     }
+    log = tempfile.NamedTemporaryFile(prefix="real200-server-", suffix=".log", delete=False)  # noqa: SIM115
     process = subprocess.Popen(
         [str(ROOT / "platform" / "serve")],
         cwd=ROOT,
         env=full_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    server = RunningServer(url=f"http://127.0.0.1:{port}", pid=process.pid, log_path=Path(log.name))
     base_url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"real200 exited: {process.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"real200 exited: {server.log()[-2000:]}")
             try:
                 if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
                     break
@@ -67,12 +84,14 @@ def real200_server(*, workers: int = 1, env: dict[str, str] | None = None) -> It
             if time.monotonic() > deadline:
                 raise RuntimeError("real200 did not answer /healthz within 30 s")
             time.sleep(0.1)
-        yield base_url
+        yield server
     finally:
-        os.killpg(process.pid, 15)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
-        process.stderr.close()
+        if process.poll() is None:
+            os.killpg(process.pid, 15)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait()
+        log.close()
+        server.log_path.unlink(missing_ok=True)

@@ -240,6 +240,9 @@ class StripeCheckout(models.Model):
     transfer's idempotency key is the session id, whatever the number of deliveries."""
 
     session_id = models.CharField(max_length=255, unique=True)
+    # Stripe's hosted payment page for the session: where the customer is sent, and where
+    # the dashboard can send them back while the session is open (it lives 24 hours).
+    url = models.URLField(max_length=2000, blank=True)
     organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="+")
     amount_nano = models.BigIntegerField()
     currency = models.CharField(max_length=3, default="usd")

@@ -33,16 +33,6 @@ class BooksReport:
     def is_clean(self) -> bool:
         return not self.problems
 
-    def lines(self) -> list[str]:
-        out = [
-            f"accounts: {self.accounts}",
-            f"transfers: {self.transfers}",
-            f"sum over all accounts: {format_usd(self.total_nano)} USD",
-        ]
-        out += [f"PROBLEM: {problem}" for problem in self.problems]
-        out.append("books are clean" if self.is_clean else f"{len(self.problems)} problem(s) found")
-        return out
-
 
 def books_check() -> BooksReport:
     """Recompute every balance from the ledger and compare; never corrects anything."""

@@ -8,17 +8,27 @@ locked last and held for as short a time as possible.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
+from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from apps.billing.models import Account, AccountKind, Hold, HoldStatus, Transfer, TransferKind
-from apps.billing.money import Nano, Rates, affordable_completion_tokens, call_cost_nano
+from apps.billing.money import (
+    Nano,
+    Rates,
+    affordable_completion_tokens,
+    call_cost_nano,
+    format_usd,
+)
 from apps.keys.models import ApiKey, BudgetPeriod
-from apps.tenancy.models import Organization, User
+from apps.tenancy.models import Membership, Organization, Role, User
+
+logger = logging.getLogger(__name__)
 
 
 class InsufficientFunds(Exception):
@@ -397,3 +407,66 @@ def hold_settle(
             api_key_id=hold.api_key_id,
         )
         return True, transfer, charged
+
+
+def holds_release_stale(*, now: datetime | None = None, limit: int = 1000) -> int:
+    """Release open holds past their expiry: their request died (process killed, server
+    restarted) without settling. Charges nothing: what was not metered is not billed. The
+    released hold row (status, closed_at) is the history of what happened. Safe to run
+    twice at once: each hold is claimed by a conditional update."""
+    now = now or timezone.now()
+    stale = Hold.objects.filter(status=HoldStatus.OPEN, expires_at__lt=now).order_by("pk")
+    released = 0
+    for hold in stale[:limit]:
+        if hold_release(hold=hold):
+            logger.warning(
+                "released the stale hold of call %s (%s nano-USD)",
+                hold.request_id,
+                hold.amount_nano,
+            )
+            released += 1
+    return released
+
+
+def low_balance_alerts_send() -> int:
+    """Email an organization's owners once when its available balance falls below its
+    threshold; re-arm once a top-up lifts it above. The alert flag is claimed by a
+    conditional update, so concurrent runs send one email, not two."""
+    below = Q(balance_nano__lt=F("held_nano") + F("low_balance_threshold_nano"))
+    armed = Account.objects.filter(
+        kind=AccountKind.CUSTOMER, low_balance_threshold_nano__isnull=False
+    )
+    sent = 0
+    for account in armed.filter(below, is_low_balance_alerted=False).select_related("organization"):
+        claimed = Account.objects.filter(pk=account.pk, is_low_balance_alerted=False).update(
+            is_low_balance_alerted=True
+        )
+        if claimed:
+            _send_low_balance_email(account)
+            sent += 1
+    armed.filter(~below, is_low_balance_alerted=True).update(is_low_balance_alerted=False)
+    return sent
+
+
+def _send_low_balance_email(account: Account) -> None:
+    owners = list(
+        Membership.objects.filter(
+            organization_id=account.organization_id, role=Role.OWNER
+        ).values_list("user__email", flat=True)
+    )
+    if not owners:
+        return
+    org = account.organization
+    threshold = format_usd(account.low_balance_threshold_nano, 2)
+    send_mail(
+        subject=f"[real200] {org.name}: balance below ${threshold}",
+        message=(
+            f"The available balance of {org.name} is ${format_usd(account.available_nano, 2)}, "
+            f"below your alert threshold of ${threshold}.\n"
+            "API calls are refused with 402 once the balance cannot cover them. "
+            "Top up in the dashboard to keep your apps running.\n"
+        ),
+        from_email=None,
+        recipient_list=owners,
+        fail_silently=False,
+    )

@@ -13,7 +13,7 @@ import secrets
 import string
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -66,6 +66,7 @@ from apps.gateway.validation import ValidRequest
 from apps.keys.selectors import KeyGrant
 from apps.usage.models import EndReason, UsageRecord, UsageSource
 from apps.usage.services import CallOutcome, call_settle
+from apps.usage.tasks import settle_call
 
 logger = logging.getLogger(__name__)
 
@@ -542,12 +543,21 @@ async def settle(call: Call) -> None:
     try:
         record = await sync_to_async(_settle_sync)(call, outcome)
     except Exception:
-        # The hold stays open: the books task settles or releases it (issue: the books).
-        logger.exception(
-            "call %s: settlement failed; its hold %s stays open", call.id, call.hold.pk
-        )
+        logger.exception("call %s: settlement failed; a task will finish it", call.id)
+        await _settle_later(call, outcome)
         return
     metrics.observe_call(outcome, record.charged_nano if record else 0)
+
+
+async def _settle_later(call: Call, outcome: CallOutcome) -> None:
+    """Hand the metered outcome to the books worker: the hold (written before the upstream
+    was called) stays open until the task settles it, exactly once."""
+    try:
+        await sync_to_async(settle_call.delay)(call.hold.pk, asdict(outcome))
+    except Exception:
+        # Neither the database nor the broker took it: the hold will expire and be
+        # released, and this call goes unbilled. Say so loudly.
+        logger.exception("call %s: could not queue its settlement; it will go unbilled", call.id)
 
 
 def _models_for_key(grant: KeyGrant) -> list[dict[str, Any]]:

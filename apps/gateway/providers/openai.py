@@ -93,7 +93,9 @@ def _url(upstream: Upstream) -> str:
 
 
 def _headers(upstream: Upstream) -> dict[str, str]:
-    return {"authorization": f"Bearer {upstream.api_key}"}
+    # Local servers (vLLM, Ollama, llama.cpp) often take no key: send no header then, since
+    # an empty "Bearer " is not a valid header value.
+    return {"authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
 
 
 def _generated_text(choices: list[dict[str, Any]]) -> str:

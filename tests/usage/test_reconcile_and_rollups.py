@@ -1,0 +1,133 @@
+"""Reconciliation of usage against the ledger, and the rollups behind the charts."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.utils import timezone
+
+from apps.billing.models import Account, ReconciliationReport
+from apps.billing.services import HoldRequest, account_for_organization, hold_place
+from apps.usage.models import EndReason, RollupPeriod, UsageRecord, UsageRollup, UsageSource
+from apps.usage.services import CallOutcome, books_reconcile, call_settle
+from apps.usage.tasks import reconcile_books, rollup_usage
+
+
+def _settled_call(
+    org, api_key, price, request_id: str, completion_tokens: int = 100
+) -> UsageRecord:
+    account = account_for_organization(organization=org)
+    hold = hold_place(
+        account=account,
+        key=None,
+        request=HoldRequest(
+            request_id=request_id,
+            amount_nano=10**7,
+            expires_at=timezone.now() + timedelta(minutes=5),
+        ),
+    )
+    outcome = CallOutcome(
+        request_id=request_id,
+        organization_id=org.pk,
+        api_key_id=api_key.pk,
+        model="gpt-4o",
+        price_id=price.pk,
+        channel_id=None,
+        prompt_tokens=50,
+        cached_tokens=10,
+        completion_tokens=completion_tokens,
+        usage_source=UsageSource.UPSTREAM,
+        end_reason=EndReason.DONE,
+        status_code=200,
+        is_stream=False,
+        latency_ms=12,
+        ttft_ms=5,
+    )
+    return call_settle(hold=hold, outcome=outcome, rates=price)
+
+
+def test_settling_a_call_twice_charges_once(funded_org, api_key, price):
+    record = _settled_call(funded_org, api_key, price, "chatcmpl-1")
+    assert record.cost_nano == record.charged_nano == 40 * 2_500 + 10 * 1_250 + 100 * 10_000
+    hold = record and account_for_organization(organization=funded_org).holds.get()
+    again = call_settle(
+        hold=hold,
+        outcome=CallOutcome(**{**_outcome_fields(record), "completion_tokens": 999}),
+        rates=price,
+    )
+    assert again.pk == record.pk
+    assert UsageRecord.objects.count() == 1
+    account = Account.objects.get(organization=funded_org)
+    assert account.balance_nano == 10 * 10**9 - record.cost_nano
+
+
+def _outcome_fields(record: UsageRecord) -> dict:
+    return {
+        "request_id": record.request_id,
+        "organization_id": record.organization_id,
+        "api_key_id": record.api_key_id,
+        "model": record.model,
+        "price_id": record.price_id,
+        "channel_id": None,
+        "prompt_tokens": record.prompt_tokens,
+        "cached_tokens": record.cached_tokens,
+        "completion_tokens": record.completion_tokens,
+        "usage_source": record.usage_source,
+        "end_reason": record.end_reason,
+        "status_code": 200,
+        "is_stream": False,
+        "latency_ms": 1,
+        "ttft_ms": None,
+    }
+
+
+def test_reconcile_stores_a_clean_report(funded_org, api_key, price):
+    _settled_call(funded_org, api_key, price, "chatcmpl-1")
+    report = ReconciliationReport.objects.get(pk=reconcile_books())
+    assert report.is_clean, report.problems
+    assert (report.usage_records, report.total_nano) == (1, 0)
+
+
+def test_reconcile_reports_a_usage_record_that_disagrees_with_its_transfer(
+    funded_org, api_key, price, caplog
+):
+    record = _settled_call(funded_org, api_key, price, "chatcmpl-1")
+    UsageRecord.objects.filter(pk=record.pk).update(charged_nano=record.charged_nano - 1)
+    report = books_reconcile()
+    assert not report.is_clean
+    assert any("chatcmpl-1" in problem for problem in report.problems)
+    assert "reconciliation" in caplog.text
+    assert "problem" in caplog.text
+
+
+def test_reconcile_reports_a_charge_without_usage(funded_org, api_key, price):
+    record = _settled_call(funded_org, api_key, price, "chatcmpl-1")
+    UsageRecord.objects.filter(pk=record.pk).delete()
+    report = books_reconcile()
+    assert any("has no usage record" in problem for problem in report.problems)
+
+
+@pytest.mark.parametrize("runs", [1, 2])
+def test_rollups_sum_usage_per_hour_and_day_and_a_rerun_changes_nothing(
+    funded_org, api_key, price, runs
+):
+    with time_machine.travel("2026-11-20 10:15:00+00:00", tick=False):
+        first = _settled_call(funded_org, api_key, price, "chatcmpl-a", completion_tokens=100)
+        _settled_call(funded_org, api_key, price, "chatcmpl-b", completion_tokens=200)
+    with time_machine.travel("2026-11-20 11:05:00+00:00", tick=False):
+        _settled_call(funded_org, api_key, price, "chatcmpl-c", completion_tokens=300)
+        for _ in range(runs):
+            rollup_usage(hours=3)
+    hours = UsageRollup.objects.filter(period=RollupPeriod.HOUR).order_by("period_start")
+    assert [(r.period_start.hour, r.requests, r.completion_tokens) for r in hours] == [
+        (10, 2, 300),
+        (11, 1, 300),
+    ]
+    (day,) = UsageRollup.objects.filter(period=RollupPeriod.DAY)
+    assert (day.requests, day.prompt_tokens, day.cached_tokens) == (3, 150, 30)
+    assert day.cost_nano == sum(UsageRecord.objects.values_list("charged_nano", flat=True))
+    assert day.api_key_id == api_key.pk
+    assert day.model == "gpt-4o"
+    assert first.organization_id == day.organization_id
