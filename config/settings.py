@@ -71,6 +71,7 @@ INSTALLED_APPS = [
     "apps.billing",
     "apps.usage",
     "apps.gateway",
+    "apps.dashboard",
 ]
 
 MIDDLEWARE = [
@@ -233,6 +234,12 @@ GATEWAY_HOLD_SECONDS = GATEWAY_MAX_CALL_SECONDS + 300
 GATEWAY_MIN_REPLY_TOKENS = env_int("GATEWAY_MIN_REPLY_TOKENS", 16)
 GATEWAY_UPSTREAM_CONNECTIONS = env_int("GATEWAY_UPSTREAM_CONNECTIONS", 2000)
 GATEWAY_UPSTREAM_KEEPALIVE = env_int("GATEWAY_UPSTREAM_KEEPALIVE", 200)
+# Rate limits: every organization's keys together may make ORG_DEFAULT_RPM requests a
+# minute unless the organization has its own limit; a key without its own tokens-per-minute
+# limit is counted against KEY_DEFAULT_TPM.
+ORG_DEFAULT_RPM = env_int("ORG_DEFAULT_RPM", 3000)
+KEY_DEFAULT_TPM = env_int("KEY_DEFAULT_TPM", 10_000_000)
+
 # Behind a reverse proxy, the client address is the last hop this proxy added to
 # X-Forwarded-For; only then is that header believed.
 TRUSTED_PROXIES = env_list("TRUSTED_PROXIES", [])
@@ -242,3 +249,14 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": [],
     "UNAUTHENTICATED_USER": None,
 }
+
+# --- Stripe ---------------------------------------------------------------------------
+# Card top-ups through Stripe Checkout; without STRIPE_SECRET_KEY they are turned off.
+# Amounts are USD text, parsed by apps.billing.money.parse_usd (never a float).
+STRIPE_SECRET_KEY = env_str("STRIPE_SECRET_KEY")
+STRIPE_WEBHOOK_SECRET = env_str("STRIPE_WEBHOOK_SECRET")
+STRIPE_API_BASE = env_str("STRIPE_API_BASE", "https://api.stripe.com")
+STRIPE_SUCCESS_URL = env_str("STRIPE_SUCCESS_URL", "http://127.0.0.1:8000/?topup=paid")
+STRIPE_CANCEL_URL = env_str("STRIPE_CANCEL_URL", "http://127.0.0.1:8000/?topup=cancelled")
+TOPUP_MIN_USD = env_str("TOPUP_MIN_USD", "5.00")
+TOPUP_MAX_USD = env_str("TOPUP_MAX_USD", "10000.00")

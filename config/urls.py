@@ -10,4 +10,5 @@ urlpatterns = [
     path("metrics", metrics_view, name="metrics"),
     path("v1/", include("apps.gateway.urls")),
     path("admin/", admin.site.urls),
+    path("", include("apps.dashboard.urls")),
 ]

@@ -61,7 +61,7 @@ def balance_adjust(
     system account, recording `staff_user` (created_by) and `reason` (the memo).
 
     Locks: the two accounts, in `transfer_post`'s order. Guarantees: a debit (direction
-    out) never takes the customer's spendable balance (balance − open holds) below zero:
+    out) never takes the customer's spendable balance (balance - open holds) below zero:
     it raises InsufficientFunds and writes nothing. Only active staff may adjust. A retry
     with the same `idempotency_key` (the admin form sends one per rendering, so a double
     submit posts once) returns the first transfer; without one, each call moves money.

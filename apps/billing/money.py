@@ -15,6 +15,7 @@ parses a key's budget with it) without depending on the books.
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 from typing import Protocol
 
@@ -23,6 +24,8 @@ Nano = int
 NANO_PER_USD = 10**9
 TOKENS_PER_QUOTE = 10**6  # prices are quoted per million tokens
 _PLACES = 9  # digits after the point in one unit
+# Plain decimal notation only: "1e3" is a thousand dollars to Python but a typo to a person.
+_AMOUNT = re.compile(r"^\d+(\.\d+)?$")
 
 
 class MoneyError(ValueError):
@@ -41,14 +44,15 @@ def parse_usd(text: str, *, allow_zero: bool = True) -> Nano:
     """`"12.34"` → 12_340_000_000. Refuses negatives, non-numbers and sub-unit precision."""
     if not isinstance(text, str):
         raise MoneyError("an amount must be given as text, e.g. '12.50'")
+    stripped = text.strip()
+    if stripped.startswith("-") and _AMOUNT.match(stripped[1:]):
+        raise MoneyError(f"{text!r} is negative")
+    if not _AMOUNT.match(stripped):
+        raise MoneyError(f"{text!r} is not an amount in USD (write it like 12.50)")
     try:
-        amount = Decimal(text.strip())
+        amount = Decimal(stripped)
     except InvalidOperation:
         raise MoneyError(f"{text!r} is not an amount in USD") from None
-    if not amount.is_finite():
-        raise MoneyError(f"{text!r} is not an amount in USD")
-    if amount < 0:
-        raise MoneyError(f"{text!r} is negative")
     if amount == 0 and not allow_zero:
         raise MoneyError("the amount must be more than zero")
     nano = amount * NANO_PER_USD

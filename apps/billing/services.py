@@ -294,6 +294,11 @@ class CallQuote:
     rates: Rates
     min_reply_tokens: int
 
+    @property
+    def worst_case_tokens(self) -> int:
+        """Prompt and the most output the call may produce: what tokens-per-minute counts."""
+        return self.prompt_tokens + (self.max_tokens or self.output_cap) * self.n
+
 
 class CallNotAffordable(InsufficientFunds):
     """The money does not cover the call; `affordable_tokens` says what it would cover."""

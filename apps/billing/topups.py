@@ -327,7 +327,7 @@ def checkout_complete_from_event(payload: bytes, signature: str) -> StripeChecko
             logger.error("a Stripe webhook arrived but STRIPE_WEBHOOK_SECRET is not set")
         raise WebhookSignatureError(str(exc)) from None
     event_type = event.get("type")
-    session = (event.get("data") or {}).get("object") or {}
+    session = _mapping(_mapping(event.get("data")).get("object"))
     session_id = session.get("id")
     if event_type == "checkout.session.expired":
         return _checkout_expire(session_id)
@@ -353,9 +353,15 @@ def checkout_complete_from_event(payload: bytes, signature: str) -> StripeChecko
     return _checkout_credit(checkout)
 
 
+def _mapping(value: object) -> dict[str, Any]:
+    """A JSON object of the event, or an empty one for anything else: a signed event is
+    Stripe's, but its shape is still checked rather than trusted."""
+    return value if isinstance(value, dict) else {}
+
+
 def _session_mismatches(checkout: StripeCheckout, session: dict[str, Any]) -> list[str]:
     """How Stripe's session differs from the checkout we asked for (empty: it matches)."""
-    metadata = session.get("metadata") or {}
+    metadata = _mapping(session.get("metadata"))
     expected = {
         "mode": ("payment", session.get("mode")),
         "amount_total": (checkout.amount_nano // NANO_PER_CENT, session.get("amount_total")),

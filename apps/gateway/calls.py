@@ -13,7 +13,7 @@ import secrets
 import string
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -43,6 +43,7 @@ from apps.gateway.errors import (
     InvalidRequest,
     NotFound,
     PermissionDenied,
+    RateLimited,
     UpstreamBadGateway,
     UpstreamOverloaded,
     UpstreamRefused,
@@ -63,6 +64,13 @@ from apps.gateway.providers.base import (
 )
 from apps.gateway.tokens import count_prompt_tokens, count_text_tokens
 from apps.gateway.validation import ValidRequest
+from apps.keys.limits import (
+    Admission,
+    LimitExceeded,
+    requests_admit,
+    tokens_correct,
+    tokens_reserve,
+)
 from apps.keys.selectors import KeyGrant
 from apps.usage.models import EndReason, UsageRecord, UsageSource
 from apps.usage.services import CallOutcome, call_settle
@@ -99,6 +107,7 @@ class Call:
     prompt_tokens: int
     max_tokens: int
     hold: Hold
+    admission: Admission
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
     channel: ChannelRoute | None = None
@@ -132,14 +141,20 @@ class Call:
 # --- Before the upstream ------------------------------------------------------------------
 
 
-def check_policy(grant: KeyGrant, model: str, client_ip: str) -> None:
-    """The key's own rules, in the order a customer would want them explained."""
+def check_key(grant: KeyGrant, client_ip: str) -> None:
+    """The rules of the key itself, which every /v1 endpoint applies: a revoked or expired
+    key, or one used from an address outside its list, may do nothing."""
     if grant.revoked:
         raise InvalidApiKey(f"The API key {grant.display} has been revoked.")
     if grant.is_expired(timezone.now()):
         raise InvalidApiKey(f"The API key {grant.display} has expired.")
     if not grant.allows_ip(client_ip):
         raise PermissionDenied(f"This key may not be used from {client_ip}.", code="ip_not_allowed")
+
+
+def check_policy(grant: KeyGrant, model: str, client_ip: str) -> None:
+    """The key's own rules, in the order a customer would want them explained."""
+    check_key(grant, client_ip)
     if not grant.allows_model(model):
         raise PermissionDenied(
             f"This key may not use the model '{model}'.", param="model", code="model_not_allowed"
@@ -166,9 +181,14 @@ async def estimate_prompt_tokens(request: ValidRequest) -> int:
     )
 
 
-def _place_hold(grant: KeyGrant, call_id: str, quote: CallQuote) -> tuple[Hold, int]:
+def _reserve_and_hold(
+    grant: KeyGrant, admission: Admission, call_id: str, quote: CallQuote
+) -> tuple[Admission, Hold, int]:
+    """Reserve the call's tokens per minute, then its worst-case cost, in one worker-thread
+    hop. A call refused for money gives its tokens back."""
+    reserved = tokens_reserve(grant, admission, quote.worst_case_tokens)
     try:
-        return hold_place_for_call(
+        hold, max_tokens = hold_place_for_call(
             account_id=account_id_for_organization(organization_id=grant.organization_id),
             key=KeyBudget(
                 key_id=grant.id, budget_nano=grant.budget_nano, period=grant.budget_period
@@ -177,8 +197,27 @@ def _place_hold(grant: KeyGrant, call_id: str, quote: CallQuote) -> tuple[Hold, 
             expires_at=timezone.now() + timedelta(seconds=settings.GATEWAY_HOLD_SECONDS),
             quote=quote,
         )
+    except InsufficientFunds:
+        tokens_correct(reserved, 0)
+        raise
     finally:
         _release_connection()
+    return reserved, hold, max_tokens
+
+
+def rate_limited(exceeded: LimitExceeded) -> RateLimited:
+    return RateLimited(
+        str(exceeded),
+        headers={"Retry-After": str(exceeded.retry_after), **exceeded.admission.headers()},
+    )
+
+
+async def admit_request(request: Any, grant: KeyGrant) -> Admission:
+    """Count the request against the key's and the organization's requests per minute."""
+    try:
+        return await sync_to_async(requests_admit)(request, grant)
+    except LimitExceeded as exceeded:
+        raise rate_limited(exceeded) from None
 
 
 def _quota_error(refusal: InsufficientFunds, quote: CallQuote) -> InsufficientQuota:
@@ -213,7 +252,7 @@ def _quota_error(refusal: InsufficientFunds, quote: CallQuote) -> InsufficientQu
 
 
 async def open_call(
-    *, call_id: str, grant: KeyGrant, request: ValidRequest, client_ip: str
+    *, call_id: str, grant: KeyGrant, admission: Admission, request: ValidRequest, client_ip: str
 ) -> Call:
     """Policy, route, prompt estimate and hold: everything that must hold before a byte
     goes upstream. Raises a GatewayError (and holds nothing) when the call may not go."""
@@ -242,7 +281,11 @@ async def open_call(
         min_reply_tokens=settings.GATEWAY_MIN_REPLY_TOKENS,
     )
     try:
-        hold, max_tokens = await sync_to_async(_place_hold)(grant, call_id, quote)
+        admission, hold, max_tokens = await sync_to_async(_reserve_and_hold)(
+            grant, admission, call_id, quote
+        )
+    except LimitExceeded as exceeded:
+        raise rate_limited(exceeded) from None
     except (CallNotAffordable, InsufficientFunds) as refusal:
         metrics.REFUSED_FOR_QUOTA.labels(model=request.model).inc()
         raise _quota_error(refusal, quote) from None
@@ -255,6 +298,7 @@ async def open_call(
         prompt_tokens=quote.prompt_tokens,
         max_tokens=max_tokens,
         hold=hold,
+        admission=admission,
     )
 
 
@@ -478,12 +522,16 @@ def billed_usage(call: Call) -> Usage:
     """What the call is billed for: the upstream's own count when it gave one and the
     call ran to its end; otherwise our count of what was delivered.
 
-    Never more output than `max_tokens` allows: an estimate is capped there (an upstream
-    that reports more than it was allowed is billed no further than the hold covered).
+    Never more output than `max_tokens` allows, whoever counted: the customer capped the
+    call there, and the hold covers no more (an upstream may count past the cap, e.g. a
+    tool call's arguments beyond it).
     Nothing is billed for a call that delivered no output because the upstream failed:
     error text is never output.
     """
     if call.usage is not None and call.end_reason == EndReason.DONE:
+        allowed = call.max_tokens * call.request.n
+        if call.usage.completion_tokens > allowed:
+            return replace(call.usage, completion_tokens=allowed)
         return call.usage
     if not call.accepted:
         return Usage(prompt_tokens=0, completion_tokens=0)
@@ -505,7 +553,7 @@ def billed_usage(call: Call) -> Usage:
 
 def _outcome(call: Call, usage: Usage) -> CallOutcome:
     now = time.monotonic()
-    from_upstream = call.usage is not None and usage is call.usage
+    from_upstream = call.usage is not None and call.end_reason == EndReason.DONE
     return CallOutcome(
         request_id=call.id,
         organization_id=call.grant.organization_id,
@@ -526,6 +574,7 @@ def _outcome(call: Call, usage: Usage) -> CallOutcome:
 
 
 def _settle_sync(call: Call, outcome: CallOutcome) -> UsageRecord | None:
+    tokens_correct(call.admission, outcome.prompt_tokens + outcome.completion_tokens)
     try:
         return call_settle(hold=call.hold, outcome=outcome, rates=call.route.price)
     finally:

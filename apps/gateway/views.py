@@ -67,6 +67,8 @@ class OpenAIView(APIView):
     permission_classes: list = []
     throttle_classes: list = []
 
+    rate_headers: dict[str, str] = {}
+
     def initial(self, request, *args, **kwargs) -> None:
         self.request_id = getattr(self, "request_id", None) or "req_" + secrets.token_hex(12)
 
@@ -86,6 +88,8 @@ class OpenAIView(APIView):
     def finalize_response(self, request, response, *args, **kwargs):
         response = super().finalize_response(request, response, *args, **kwargs)
         response["x-request-id"] = self.request_id
+        for name, value in self.rate_headers.items():
+            response.headers.setdefault(name, value)
         return response
 
 
@@ -97,14 +101,18 @@ class ChatCompletionsView(OpenAIView):
         try:
             raw = _read_body(request._request)
             grant = await authenticate(request._request)
+            admission = await calls.admit_request(request._request, grant)
+            self.rate_headers = admission.headers()
             valid = validate_chat_request(_parse_json(raw))
             model = valid.model
             call = await calls.open_call(
                 call_id=self.request_id,
                 grant=grant,
+                admission=admission,
                 request=valid,
                 client_ip=client_ip(request._request),
             )
+            self.rate_headers = call.admission.headers()
         except GatewayError as error:
             metrics.REQUESTS.labels(model=model, status=str(error.status)).inc()
             return error.response()
@@ -122,11 +130,14 @@ def _read_body(request: HttpRequest) -> bytes:
     try:
         if int(request.META.get("CONTENT_LENGTH") or 0) > limit:
             raise too_large
-        return request.body
+        body = request.body
     except RequestDataTooBig:
         raise too_large from None
     except ValueError:
         raise InvalidRequest("The Content-Length header is not a number.") from None
+    if len(body) > limit:  # sent chunked, without a Content-Length to check beforehand
+        raise too_large
+    return body
 
 
 def _parse_json(raw: bytes) -> object:
@@ -223,6 +234,7 @@ class ModelListView(OpenAIView):
     async def get(self, request, *args, **kwargs) -> HttpResponse:
         try:
             grant = await authenticate(request._request)
+            calls.check_key(grant, client_ip(request._request))
         except GatewayError as error:
             return error.response()
         models = await calls.models_for_key(grant)
@@ -234,6 +246,7 @@ class ModelDetailView(OpenAIView):
     async def get(self, request, model_id: str, *args, **kwargs) -> HttpResponse:
         try:
             grant = await authenticate(request._request)
+            calls.check_key(grant, client_ip(request._request))
             for model in await calls.models_for_key(grant):
                 if model["id"] == model_id:
                     return HttpResponse(orjson.dumps(model), content_type="application/json")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.core.cache import cache
 
 from apps.keys.models import KEY_PREFIX, KEY_RANDOM_LENGTH, ApiKey, hash_key, ip_in_ranges
+
+logger = logging.getLogger(__name__)
 
 KEY_SHAPE = re.compile(rf"^{KEY_PREFIX}[A-Za-z0-9]{{{KEY_RANDOM_LENGTH}}}$")
 
@@ -55,6 +59,7 @@ class KeyGrant:
     tpm: int | None
     budget_nano: int | None
     budget_period: str
+    org_rpm: int | None
 
     def is_expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now
@@ -79,6 +84,7 @@ class KeyGrant:
             tpm=key.tpm,
             budget_nano=key.budget_nano,
             budget_period=key.budget_period,
+            org_rpm=key.organization.rpm_limit or settings.ORG_DEFAULT_RPM,
         )
 
 
@@ -97,7 +103,7 @@ def grant_cache_key(key_hash: str) -> str:
 
 
 def _grant_from_db(key_hash: str) -> KeyGrant | None:
-    key = ApiKey.objects.filter(key_hash=key_hash).first()
+    key = ApiKey.objects.filter(key_hash=key_hash).select_related("organization").first()
     return KeyGrant.of(key) if key is not None else None
 
 
@@ -111,10 +117,17 @@ async def key_authenticate(clear_key: str) -> KeyGrant | None:
     memo = _local.get(key_hash)
     if memo is not None and memo[0] > now:
         return memo[1]
-    cached = await cache.aget(grant_cache_key(key_hash))
+    try:
+        cached = await cache.aget(grant_cache_key(key_hash))
+    except Exception as error:  # the shared cache is down: ask the database
+        logger.error("key cache unavailable, reading the database: %s", error)
+        cached, cache_up = None, False
+    else:
+        cache_up = True
     if cached is None:
         grant = await sync_to_async(_grant_from_db)(key_hash)
-        await cache.aset(grant_cache_key(key_hash), grant or _MISSING, SHARED_TTL)
+        if cache_up:
+            await cache.aset(grant_cache_key(key_hash), grant or _MISSING, SHARED_TTL)
     else:
         grant = None if cached == _MISSING else cached
     if len(_local) > 10_000:  # bound the memo; a flood of distinct bad keys cannot grow it

@@ -87,7 +87,7 @@ def key_create(
 
 def _forget_grant(key: ApiKey) -> None:
     """Drop the cached grant once the change is committed, so every process reads it anew."""
-    transaction.on_commit(lambda: cache.delete(grant_cache_key(key.key_hash)))
+    transaction.on_commit(lambda: cache.delete(grant_cache_key(key.key_hash)), robust=True)
 
 
 def key_revoke(*, key: ApiKey) -> ApiKey:

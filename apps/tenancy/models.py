@@ -45,6 +45,8 @@ class Organization(models.Model):
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
     is_personal = models.BooleanField(default=False)
+    # Requests per minute across all the organization's keys (null: the platform default).
+    rpm_limit = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:

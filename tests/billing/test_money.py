@@ -30,14 +30,16 @@ GPT4O = Rates(2_500_000_000, 10_000_000_000, 1_250_000_000)  # $2.50 / $10 / $1.
         ("0", 0),
         ("0.000000001", 1),
         (" 5 ", 5_000_000_000),
-        ("1e2", 100_000_000_000),
+        ("007.50", 7_500_000_000),
     ],
 )
 def test_parse_usd_reads_exact_amounts(text, nano):
     assert parse_usd(text) == nano
 
 
-@pytest.mark.parametrize("text", ["-1", "abc", "", "NaN", "Infinity", "0.0000000001", "1,5"])
+@pytest.mark.parametrize(
+    "text", ["-1", "abc", "", "NaN", "Infinity", "0.0000000001", "1,5", "1e3", "+5", ".5", "5."]
+)
 def test_parse_usd_refuses_what_is_not_an_exact_amount(text):
     with pytest.raises(MoneyError):
         parse_usd(text)

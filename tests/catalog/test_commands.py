@@ -25,7 +25,7 @@ def test_set_price_adds_a_version_and_keeps_the_old_one(run_command):
     [
         (["m", "--input", "-1", "--output", "1"], "--input: .*negative"),
         (["m", "--input", "1", "--output", "x"], "--output: .*not an amount"),
-        (["m", "--input", "1", "--output", "1", "--cached-input", "1e-12"], "finer than"),
+        (["m", "--input", "1", "--output", "1", "--cached-input", "0.0000000001"], "finer than"),
     ],
 )
 def test_set_price_refuses_bad_input(run_command, args, message):
