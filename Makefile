@@ -24,12 +24,13 @@ migrate: install
 # demo organization, prints the dashboard URL and a demo key, and serves on HOST:PORT.
 run: migrate
 	$(BIN)/python manage.py collectstatic --no-input -v0
-	@key=$$($(BIN)/python manage.py demo | tail -n 1); \
+	@demo=$$($(BIN)/python manage.py demo); \
 	echo; \
 	echo "  real200 is starting on http://$(HOST):$(PORT)/"; \
-	echo "  dashboard: http://$(HOST):$(PORT)/admin/"; \
+	echo "  dashboard: http://$(HOST):$(PORT)/"; \
+	echo "  $$(echo "$$demo" | grep '^dashboard login')"; \
 	echo "  API base URL: http://$(HOST):$(PORT)/v1"; \
-	echo "  demo key: $$key"; \
+	echo "  demo key: $$(echo "$$demo" | tail -n 1)"; \
 	echo; \
 	HTTPS=0 WEB_CONCURRENCY=1 HOST=$(HOST) PORT=$(PORT) exec platform/serve
 

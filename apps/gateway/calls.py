@@ -108,8 +108,8 @@ class Call:
     max_tokens: int
     hold: Hold
     admission: Admission
+    started: float  # time.monotonic() when the request arrived: latency and TTFT count from it
     created: int = field(default_factory=lambda: int(time.time()))
-    started: float = field(default_factory=time.monotonic)
     channel: ChannelRoute | None = None
     accepted: bool = False  # the upstream accepted the request: it may bill us
     first_token_at: float | None = None
@@ -152,9 +152,7 @@ def check_key(grant: KeyGrant, client_ip: str) -> None:
         raise PermissionDenied(f"This key may not be used from {client_ip}.", code="ip_not_allowed")
 
 
-def check_policy(grant: KeyGrant, model: str, client_ip: str) -> None:
-    """The key's own rules, in the order a customer would want them explained."""
-    check_key(grant, client_ip)
+def check_model(grant: KeyGrant, model: str) -> None:
     if not grant.allows_model(model):
         raise PermissionDenied(
             f"This key may not use the model '{model}'.", param="model", code="model_not_allowed"
@@ -252,11 +250,11 @@ def _quota_error(refusal: InsufficientFunds, quote: CallQuote) -> InsufficientQu
 
 
 async def open_call(
-    *, call_id: str, grant: KeyGrant, admission: Admission, request: ValidRequest, client_ip: str
+    *, call_id: str, grant: KeyGrant, admission: Admission, request: ValidRequest, started: float
 ) -> Call:
     """Policy, route, prompt estimate and hold: everything that must hold before a byte
     goes upstream. Raises a GatewayError (and holds nothing) when the call may not go."""
-    check_policy(grant, request.model, client_ip)
+    check_model(grant, request.model)
     route = await resolve_route(request.model)
     if request.max_tokens is not None and request.max_tokens > route.max_output_tokens:
         raise InvalidRequest(
@@ -299,6 +297,7 @@ async def open_call(
         max_tokens=max_tokens,
         hold=hold,
         admission=admission,
+        started=started,
     )
 
 

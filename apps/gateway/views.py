@@ -6,7 +6,8 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import orjson
 from adrf.views import APIView
@@ -32,6 +33,7 @@ from apps.keys.selectors import KeyGrant, key_authenticate
 from apps.usage.models import EndReason
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def client_ip(request: HttpRequest) -> str:
@@ -56,6 +58,9 @@ async def authenticate(request: HttpRequest) -> KeyGrant:
     grant = await key_authenticate(token.strip())
     if grant is None:
         raise InvalidApiKey("Incorrect API key provided. Find your keys in the dashboard.")
+    # A revoked or expired key, or one used from outside its address list, may do nothing,
+    # whatever the body says: these come before any validation of the request.
+    calls.check_key(grant, client_ip(request))
     return grant
 
 
@@ -66,6 +71,7 @@ class OpenAIView(APIView):
     authentication_classes: list = []
     permission_classes: list = []
     throttle_classes: list = []
+    metadata_class = None  # OPTIONS is not part of OpenAI's API: 405, like any other method
 
     rate_headers: dict[str, str] = {}
 
@@ -110,15 +116,15 @@ class ChatCompletionsView(OpenAIView):
                 grant=grant,
                 admission=admission,
                 request=valid,
-                client_ip=client_ip(request._request),
+                started=started,
             )
             self.rate_headers = call.admission.headers()
+            response = await (_stream(call) if valid.stream else _complete(call))
         except GatewayError as error:
             metrics.REQUESTS.labels(model=model, status=str(error.status)).inc()
             return error.response()
-        if valid.stream:
-            return await _stream(call)
-        return await _complete(call, started)
+        metrics.REQUESTS.labels(model=model, status="200").inc()
+        return response
 
 
 def _read_body(request: HttpRequest) -> bytes:
@@ -150,37 +156,31 @@ def _parse_json(raw: bytes) -> object:
         ) from None
 
 
-async def _complete(call: calls.Call, started: float) -> HttpResponse:
+async def _forward(call: calls.Call, forward: Callable[[calls.Call], Awaitable[T]]) -> T:
+    """Run the upstream part of a call. A failure before anything reached the client is
+    settled (nothing or only what was delivered is billed) and raised as the answer; a
+    client that leaves meanwhile is settled too, then the cancellation goes on."""
     try:
-        completion = await calls.complete(call)
-    except GatewayError as error:
+        return await forward(call)
+    except GatewayError:
         await asyncio.shield(calls.settle(call))
-        metrics.REQUESTS.labels(model=call.request.model, status=str(error.status)).inc()
-        return error.response()
+        raise
     except asyncio.CancelledError:
         call.end_reason = EndReason.CLIENT_GONE
         call.status_code = 499
         await asyncio.shield(calls.settle(call))
         raise
+
+
+async def _complete(call: calls.Call) -> HttpResponse:
+    completion = await _forward(call, calls.complete)
     body = calls.completion_body(call, completion)
     await asyncio.shield(calls.settle(call))
-    metrics.REQUESTS.labels(model=call.request.model, status="200").inc()
     return HttpResponse(orjson.dumps(body), content_type="application/json")
 
 
 async def _stream(call: calls.Call) -> HttpResponse:
-    try:
-        first, events = await calls.open_stream(call)
-    except GatewayError as error:
-        await asyncio.shield(calls.settle(call))
-        metrics.REQUESTS.labels(model=call.request.model, status=str(error.status)).inc()
-        return error.response()
-    except asyncio.CancelledError:
-        call.end_reason = EndReason.CLIENT_GONE
-        call.status_code = 499
-        await asyncio.shield(calls.settle(call))
-        raise
-    metrics.REQUESTS.labels(model=call.request.model, status="200").inc()
+    first, events = await _forward(call, calls.open_stream)
     response = StreamingHttpResponse(
         _relay(call, first, events), content_type="text/event-stream; charset=utf-8"
     )
@@ -234,7 +234,6 @@ class ModelListView(OpenAIView):
     async def get(self, request, *args, **kwargs) -> HttpResponse:
         try:
             grant = await authenticate(request._request)
-            calls.check_key(grant, client_ip(request._request))
         except GatewayError as error:
             return error.response()
         models = await calls.models_for_key(grant)
@@ -246,7 +245,6 @@ class ModelDetailView(OpenAIView):
     async def get(self, request, model_id: str, *args, **kwargs) -> HttpResponse:
         try:
             grant = await authenticate(request._request)
-            calls.check_key(grant, client_ip(request._request))
             for model in await calls.models_for_key(grant):
                 if model["id"] == model_id:
                     return HttpResponse(orjson.dumps(model), content_type="application/json")

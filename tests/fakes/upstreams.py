@@ -55,6 +55,8 @@ class Behaviour:
     tokens: int = 5  # text tokens in the answer, fewer if the request's max_tokens is lower
     tool_call: dict[str, Any] | None = None  # {"name", "arguments": {...}}: one call after the text
     pace: float = 0.0  # seconds before each token (a non-streamed answer waits for all of them)
+    stall_after: int | None = None  # streams: after this many tokens, fall silent for `stall`
+    stall: float = 0.0  # seconds of that silence, before the next token
     header_delay: float = 0.0  # seconds before the response headers
     fail_status: int | None = None  # answer this status with an error body in the API's shape
     drop_after: int | None = None  # close the connection abruptly after this many tokens
@@ -306,6 +308,8 @@ class FakeUpstream:
         for frame, is_token in self.frames(call, number):
             if is_token:
                 await asyncio.sleep(behaviour.pace)
+                if call.tokens_sent == behaviour.stall_after:
+                    await asyncio.sleep(behaviour.stall)
                 if behaviour.drop_after is not None and call.tokens_sent >= behaviour.drop_after:
                     raise _Dropped
                 if behaviour.error_after is not None and call.tokens_sent >= behaviour.error_after:

@@ -1,41 +1,55 @@
 """POST /v1/chat/completions against a live real200, through the official openai SDK,
-with real HTTP servers on 127.0.0.1 standing in for the upstream providers."""
+with real HTTP servers on 127.0.0.1 standing in for the upstream providers: whole
+(non-streamed) answers, what reaches the upstream, and what is billed."""
 
 from __future__ import annotations
 
+import httpx
+import orjson
 import pytest
 
-from apps.billing.money import call_cost_nano
-from apps.catalog.models import Price
+from apps.gateway.tokens import count_prompt_tokens, count_text_tokens
 from apps.usage.models import EndReason, UsageSource
+from tests.fakes import text_for
+from tests.gateway.conftest import cost_of
 from tests.openapi import assert_valid
 
 pytestmark = pytest.mark.postgres
 
-
-def _cost(record) -> int:
-    price = Price.objects.get(pk=record.price_id)
-    return call_cost_nano(
-        prompt_tokens=record.prompt_tokens,
-        cached_tokens=record.cached_tokens,
-        completion_tokens=record.completion_tokens,
-        rates=price,
-    )
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+PARIS = {"name": "get_weather", "arguments": {"city": "Paris"}}
+MESSAGES = [{"role": "user", "content": "Tell me about foxes."}]
 
 
 def test_a_non_streamed_call_is_openai_shaped_and_billed_exactly(live):
     before = live.balance_nano()
     live.upstream.configure(tokens=7, prompt_tokens=21, cached_tokens=5)
     raw = live.sdk.chat.completions.with_raw_response.create(
-        model="gpt-4o", messages=[{"role": "user", "content": "请用三句话介绍你自己。"}], max_tokens=50
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "请用三句话介绍你自己。"}],
+        max_tokens=50,
     )
     answer = raw.parse()
     body = raw.http_response.json()
     assert_valid("CreateChatCompletionResponse", body)
-    assert body["id"].startswith("chatcmpl-") and raw.headers["x-request-id"] == body["id"]
+    assert body["id"].startswith("chatcmpl-")
+    assert raw.headers["x-request-id"] == body["id"]
     assert body["model"] == "gpt-4o"
     assert answer.choices[0].message.content == "The quick brown fox jumps over the"
+    assert answer.choices[0].finish_reason == "stop"
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (21, 7)
+    assert answer.usage.total_tokens == 28
     assert answer.usage.prompt_tokens_details.cached_tokens == 5
     sent = live.upstream.calls[-1]
     assert sent.body["model"] == "gpt-4o-2024-08-06"
@@ -43,8 +57,189 @@ def test_a_non_streamed_call_is_openai_shaped_and_billed_exactly(live):
     (record,) = live.records()
     assert record.request_id == body["id"]
     assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (21, 5, 7)
-    assert record.usage_source == UsageSource.UPSTREAM and record.end_reason == EndReason.DONE
+    assert record.usage_source == UsageSource.UPSTREAM
+    assert record.end_reason == EndReason.DONE
+    assert not record.is_stream
     expected = 16 * 2_500 + 5 * 1_250 + 7 * 10_000
-    assert record.cost_nano == record.charged_nano == expected == _cost(record)
+    assert record.cost_nano == record.charged_nano == expected == cost_of(record)
     assert live.balance_nano() == before - expected
     assert live.held_nano() == 0
+
+
+def test_every_call_has_an_id_of_its_own(live):
+    ids = {
+        live.sdk.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], max_tokens=5
+        ).id
+        for _ in range(3)
+    }
+    assert len(ids) == 3
+    assert {record.request_id for record in live.records()} == ids
+
+
+def test_a_tool_call_comes_back_in_openais_shape(live):
+    live.upstream.configure(tokens=0, tool_call=PARIS)
+    before = live.balance_nano()
+    raw = live.sdk.chat.completions.with_raw_response.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+    )
+    assert_valid("CreateChatCompletionResponse", raw.http_response.json())
+    choice = raw.parse().choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert orjson.loads(call.function.arguments) == {"city": "Paris"}
+    sent = live.upstream.calls[-1].body
+    assert sent["tools"] == [WEATHER_TOOL]
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert sent["parallel_tool_calls"] is False
+    (record,) = live.records()
+    assert record.completion_tokens > 0
+    assert live.balance_nano() == before - cost_of(record)
+
+
+def test_the_customers_parameters_reach_the_upstream_as_sent(live):
+    schema = {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": True},
+    }
+    live.sdk.chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "system", "content": "JSON only."}, {"role": "user", "content": "Hi"}],
+        response_format=schema,
+        stop=["\n\n", "END"],
+        seed=1234,
+        temperature=0.3,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        user="customer-42",
+        max_completion_tokens=64,
+        extra_body={"frobnicate": True},
+    )
+    sent = live.upstream.calls[-1].body
+    assert sent["response_format"] == schema
+    assert sent["stop"] == ["\n\n", "END"]
+    assert sent["seed"] == 1234
+    assert (sent["temperature"], sent["top_p"]) == (0.3, 0.9)
+    assert (sent["presence_penalty"], sent["frequency_penalty"]) == (0.5, -0.5)
+    assert sent["user"] == "customer-42"
+    assert sent["max_completion_tokens"] == 64
+    assert "max_tokens" not in sent
+    assert "frobnicate" not in sent  # unknown fields are dropped, never sent on
+    assert "stream" not in sent
+
+
+def test_without_max_tokens_the_upstream_is_capped_at_the_models_limit(live):
+    live.sdk.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+    assert live.upstream.calls[-1].body["max_tokens"] == 4096  # $10 affords it all
+
+
+def test_an_answer_cut_by_max_tokens_finishes_with_length(live):
+    live.upstream.configure(tokens=20)
+    answer = live.sdk.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "Count."}], max_tokens=3
+    )
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == 3
+
+
+def test_a_call_whose_upstream_reports_no_usage_is_billed_by_our_own_count(live):
+    live.upstream.configure(tokens=9, usage=False)
+    before = live.balance_nano()
+    answer = live.sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
+    prompt = count_prompt_tokens(MESSAGES, "gpt-4o")
+    completion = count_text_tokens(text_for(9), "gpt-4o")
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (prompt, completion)
+    (record,) = live.records()
+    assert record.usage_source == UsageSource.ESTIMATED
+    assert (record.prompt_tokens, record.completion_tokens) == (prompt, completion)
+    assert record.cost_nano == record.charged_nano == cost_of(record) > 0
+    assert live.balance_nano() == before - cost_of(record)
+
+
+def test_an_anthropic_channel_answers_in_openais_shape_and_bills_its_cache_tokens(live, claude):
+    # Anthropic's input_tokens leaves out cache reads and writes: 10 + 4 read + 6 written.
+    claude.configure(tokens=6, prompt_tokens=10, cached_tokens=4, cache_creation_tokens=6)
+    before = live.balance_nano()
+    raw = live.sdk.chat.completions.with_raw_response.create(
+        model="claude-sonnet-4",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=100,
+        stop="END",
+    )
+    body = raw.http_response.json()
+    assert_valid("CreateChatCompletionResponse", body)
+    assert body["model"] == "claude-sonnet-4"
+    assert body["choices"][0]["message"]["content"] == text_for(6)
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["prompt_tokens"] == 20
+    assert body["usage"]["completion_tokens"] == 6
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 4}
+    sent = claude.calls[-1]
+    assert sent.path == "/v1/messages"
+    assert sent.body["model"] == "claude-sonnet-4-20250514"
+    assert sent.body["system"] == "Be brief."
+    assert sent.body["stop_sequences"] == ["END"]
+    assert sent.body["max_tokens"] == 100
+    assert sent.headers["x-api-key"] == "sk-anthropic-secret"
+    assert live.upstream.calls == []
+    (record,) = live.records()
+    assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (20, 4, 6)
+    assert record.usage_source == UsageSource.UPSTREAM
+    # 16 uncached prompt tokens at $3, 4 cache reads at $0.30, 6 output tokens at $15 per 1M.
+    expected = 16 * 3_000 + 4 * 300 + 6 * 15_000
+    assert record.cost_nano == record.charged_nano == expected == cost_of(record)
+    assert live.balance_nano() == before - expected
+
+
+def test_an_anthropic_tool_call_comes_back_as_an_openai_tool_call(live, claude):
+    claude.configure(tokens=2, tool_call=PARIS)
+    answer = live.sdk.chat.completions.create(
+        model="claude-sonnet-4",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        max_tokens=100,
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls[0].function.name == "get_weather"
+    assert orjson.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    sent = claude.calls[-1].body
+    assert sent["tools"][0]["name"] == "get_weather"
+    assert sent["tool_choice"] == {"type": "any"}
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_closes_the_upstream_call(live):
+    live.upstream.configure(tokens=50, pace=0.05)  # a whole answer in 2.5 s
+    before = live.balance_nano()
+    with pytest.raises(httpx.ReadTimeout):
+        live.post({"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 100}, timeout=0.5)
+    call = live.upstream.calls[-1]
+    assert call.wait_disconnected(seconds=1), "real200 kept waiting for the upstream"
+    (record,) = live.wait_settled()
+    assert record.end_reason == EndReason.CLIENT_GONE
+    assert record.status_code == 499
+    assert record.charged_nano == 0  # nothing was delivered
+    assert live.balance_nano() == before
+    assert live.held_nano() == 0
+
+
+def test_an_upstream_reporting_more_output_than_allowed_is_billed_no_more_than_max_tokens(live):
+    # Three words and a tool call of four more tokens, against a limit of three.
+    live.upstream.configure(tokens=3, tool_call=PARIS, prompt_tokens=10)
+    before = live.balance_nano()
+    answer = live.sdk.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, tools=[WEATHER_TOOL], max_tokens=3
+    )
+    assert answer.usage.completion_tokens == 3
+    (record,) = live.records()
+    assert (record.prompt_tokens, record.completion_tokens) == (10, 3)
+    assert record.usage_source == UsageSource.UPSTREAM
+    assert live.balance_nano() == before - cost_of(record)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import secrets
+
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
@@ -57,8 +59,14 @@ class Command(BaseCommand):
                 models={model: model for model in DEMO_MODELS},
                 settings={"pace_ms": 20},
             )
+        # A fresh password on every run: the demo account is for the person at this
+        # machine, who reads it here, and an old one is never left lying around.
+        password = secrets.token_urlsafe(12)
+        owner.set_password(password)
+        owner.save(update_fields=["password"])
         _, clear = key_create(organization=org, name="demo key")
         balance = available_nano_for_organization(organization=org)
         self.stdout.write(f"demo organization {org.slug}: balance {format_usd(balance, 2)} USD")
+        self.stdout.write(f"dashboard login: {DEMO_OWNER} / {password}")
         self.stdout.write(f"models: {', '.join(DEMO_MODELS)}")
         self.stdout.write(clear)

@@ -1,0 +1,407 @@
+"""Streamed calls against a live real200: the SSE shape chunk by chunk, incremental
+delivery, usage, and what is billed when the client or the upstream gives up halfway."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import orjson
+import pytest
+
+from apps.gateway.tokens import count_prompt_tokens, count_text_tokens
+from apps.usage.models import EndReason, UsageSource
+from tests.fakes import text_for
+from tests.gateway.conftest import cost_of, sse_events
+from tests.gateway.test_completions import PARIS, WEATHER_TOOL
+from tests.openapi import assert_valid
+
+pytestmark = pytest.mark.postgres
+
+MESSAGES = [{"role": "user", "content": "Tell me a story about a fox."}]
+
+
+def streamed(model: str = "gpt-4o", *, include_usage: bool | None = None, **fields) -> dict:
+    body = {"model": model, "messages": MESSAGES, "stream": True, "max_tokens": 200, **fields}
+    if include_usage is not None:
+        body["stream_options"] = {"include_usage": include_usage}
+    return body
+
+
+def chunks_of(events: list) -> list[dict]:
+    """The chunks of a stream that ran to its end, each validated against OpenAI's schema."""
+    assert events[-1] == "[DONE]", events[-3:]
+    chunks = events[:-1]
+    for chunk in chunks:
+        assert_valid("CreateChatCompletionStreamResponse", chunk)
+    return chunks
+
+
+def text_of(chunks: list[dict]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+def test_a_stream_is_openai_shaped_chunk_by_chunk(live):
+    live.upstream.configure(tokens=6, prompt_tokens=15, cached_tokens=3)
+    before = live.balance_nano()
+    with live.sdk.chat.completions.with_streaming_response.create(
+        model="gpt-4o", messages=MESSAGES, stream=True, max_tokens=200
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        request_id = response.headers["x-request-id"]
+        raw = "".join(f"{line}\n" for line in response.iter_lines())
+    chunks = chunks_of(sse_events(raw))
+    assert {chunk["id"] for chunk in chunks} == {request_id}
+    assert {chunk["model"] for chunk in chunks} == {"gpt-4o"}
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+    assert len({chunk["created"] for chunk in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert text_of(chunks) == text_for(6)
+    last = chunks[-1]["choices"][0]
+    assert last["delta"] == {}
+    assert last["finish_reason"] == "stop"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert all("usage" not in chunk for chunk in chunks)  # not asked for, not sent
+    # ...but real200 asked the upstream for it, to bill by.
+    assert live.upstream.calls[-1].body["stream_options"] == {"include_usage": True}
+    (record,) = live.wait_settled()
+    assert record.request_id == request_id
+    assert record.is_stream
+    assert record.usage_source == UsageSource.UPSTREAM
+    assert record.end_reason == EndReason.DONE
+    assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (15, 3, 6)
+    assert record.charged_nano == cost_of(record) == 12 * 2_500 + 3 * 1_250 + 6 * 10_000
+    assert live.balance_nano() == before - record.charged_nano
+    assert live.held_nano() == 0
+
+
+def test_with_include_usage_one_more_chunk_carries_the_usage(live):
+    live.upstream.configure(tokens=4, prompt_tokens=12, cached_tokens=2)
+    json_mode = {"type": "json_object"}
+    body = streamed(include_usage=True, stop="END", seed=7, response_format=json_mode)
+    response, events = live.stream(body)
+    chunks = chunks_of(events)
+    *answer, usage_chunk = chunks
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"] == {
+        "prompt_tokens": 12,
+        "completion_tokens": 4,
+        "total_tokens": 16,
+        "prompt_tokens_details": {"cached_tokens": 2},
+    }
+    assert usage_chunk["id"] == response.headers["x-request-id"]
+    assert all(chunk["usage"] is None for chunk in answer)
+    assert answer[-1]["choices"][0]["finish_reason"] == "stop"
+    sent = live.upstream.calls[-1].body
+    assert sent["stream_options"] == {"include_usage": True}
+    assert (sent["stop"], sent["seed"], sent["response_format"]) == ("END", 7, json_mode)
+    (record,) = live.wait_settled()
+    assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (12, 2, 4)
+
+
+def test_the_sdk_reads_a_stream_and_its_usage(live):
+    live.upstream.configure(tokens=5)
+    stream = live.sdk.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text_for(5)
+    assert chunks[-1].usage.completion_tokens == 5
+    assert live.upstream.calls[-1].body["max_tokens"] == 4096
+
+
+def test_a_stream_reaches_the_client_while_the_upstream_is_still_writing(live):
+    pace, tokens = 0.1, 6
+    live.upstream.configure(tokens=tokens, pace=pace)
+    started = time.monotonic()
+    first_text_at = produced_then = None
+    headers = {"Authorization": f"Bearer {live.key}"}
+    url = f"{live.url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=streamed(), headers=headers, timeout=30) as response:
+        for line in response.iter_lines():
+            if first_text_at is None and '"content":"The"' in line:
+                first_text_at = time.monotonic()
+                call = live.upstream.calls[-1]
+                produced_then, finished_then = call.tokens_sent, call.completed
+    ended_at = time.monotonic()
+    assert first_text_at is not None
+    # The first word arrived while the upstream had produced at most two of six and was
+    # still holding the rest back...
+    assert produced_then <= 2
+    assert not finished_then
+    # ...and well before the answer could have been complete.
+    assert first_text_at - started < (tokens - 2) * pace
+    assert ended_at - first_text_at >= (tokens - 2) * pace
+    assert live.upstream.calls[-1].completed
+
+
+def test_a_streamed_tool_call_arrives_in_fragments(live):
+    live.upstream.configure(tokens=0, tool_call=PARIS)
+    before = live.balance_nano()
+    _response, events = live.stream(streamed(tools=[WEATHER_TOOL], tool_choice="auto"))
+    chunks = chunks_of(events)
+    fragments = [
+        call for chunk in chunks for call in chunk["choices"][0]["delta"].get("tool_calls") or ()
+    ]
+    assert fragments[0]["id"]
+    assert fragments[0]["function"]["name"] == "get_weather"
+    arguments = "".join(f["function"].get("arguments", "") for f in fragments)
+    assert orjson.loads(arguments) == {"city": "Paris"}
+    assert len(fragments) > 2  # passed on as they came, not merged
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert live.upstream.calls[-1].body["tools"] == [WEATHER_TOOL]
+    (record,) = live.wait_settled()
+    assert record.completion_tokens > 0
+    assert live.balance_nano() == before - cost_of(record)
+
+
+def test_the_sdk_assembles_a_streamed_tool_call(live):
+    live.upstream.configure(tokens=0, tool_call=PARIS)
+    stream = live.sdk.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, tools=[WEATHER_TOOL], stream=True
+    )
+    arguments = ""
+    for chunk in stream:
+        for call in chunk.choices[0].delta.tool_calls or ():
+            arguments += call.function.arguments or ""
+    assert orjson.loads(arguments) == {"city": "Paris"}
+
+
+def test_a_usage_frame_sent_several_times_is_counted_once(live):
+    live.upstream.configure(tokens=5, prompt_tokens=10, usage_repeats=3)
+    before = live.balance_nano()
+    _response, events = live.stream(streamed(include_usage=True))
+    chunks = chunks_of(events)
+    usage_chunks = [chunk for chunk in chunks if chunk.get("usage")]
+    assert len(usage_chunks) == 1
+    assert usage_chunks[0]["usage"]["completion_tokens"] == 5
+    (record,) = live.wait_settled()
+    assert (record.prompt_tokens, record.completion_tokens) == (10, 5)
+    assert record.charged_nano == 10 * 2_500 + 5 * 10_000
+    assert live.balance_nano() == before - record.charged_nano
+    assert live.ledger_size() == 2  # the funding and this one charge
+
+
+def test_a_stream_whose_upstream_reports_no_usage_is_billed_by_our_own_count(live):
+    live.upstream.configure(tokens=12, usage=False)
+    before = live.balance_nano()
+    _response, events = live.stream(streamed(include_usage=True))
+    chunks = chunks_of(events)
+    prompt = count_prompt_tokens(MESSAGES, "gpt-4o")
+    completion = count_text_tokens(text_for(12), "gpt-4o")
+    assert chunks[-1]["usage"]["prompt_tokens"] == prompt
+    assert chunks[-1]["usage"]["completion_tokens"] == completion
+    (record,) = live.wait_settled()
+    assert record.usage_source == UsageSource.ESTIMATED
+    assert (record.prompt_tokens, record.completion_tokens) == (prompt, completion)
+    assert record.charged_nano == cost_of(record) > 0
+    assert live.balance_nano() == before - record.charged_nano
+
+
+def test_an_anthropic_stream_is_openai_shaped_and_bills_its_cache_tokens(live, claude):
+    claude.configure(tokens=7, prompt_tokens=10, cached_tokens=4, cache_creation_tokens=6)
+    before = live.balance_nano()
+    response, events = live.stream(streamed("claude-sonnet-4", include_usage=True))
+    chunks = chunks_of(events)
+    assert {chunk["id"] for chunk in chunks} == {response.headers["x-request-id"]}
+    assert {chunk["model"] for chunk in chunks} == {"claude-sonnet-4"}
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert text_of(chunks) == text_for(7)
+    *answer, usage_chunk = chunks
+    assert answer[-1]["choices"][0]["delta"] == {}
+    assert answer[-1]["choices"][0]["finish_reason"] == "stop"
+    assert usage_chunk["usage"]["prompt_tokens"] == 20
+    assert usage_chunk["usage"]["completion_tokens"] == 7  # the last running total, not a sum
+    assert usage_chunk["usage"]["prompt_tokens_details"] == {"cached_tokens": 4}
+    assert claude.calls[-1].body["stream"] is True
+    (record,) = live.wait_settled()
+    assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (20, 4, 7)
+    assert record.charged_nano == cost_of(record) == 16 * 3_000 + 4 * 300 + 7 * 15_000
+    assert live.balance_nano() == before - record.charged_nano
+
+
+def test_an_anthropic_stream_with_repeated_usage_is_counted_once(live, claude):
+    claude.configure(tokens=5, prompt_tokens=10, usage_repeats=3)
+    _response, events = live.stream(streamed("claude-sonnet-4", include_usage=True))
+    assert chunks_of(events)[-1]["usage"]["completion_tokens"] == 5
+    (record,) = live.wait_settled()
+    assert (record.prompt_tokens, record.completion_tokens) == (10, 5)
+
+
+def test_a_streamed_anthropic_tool_call_arrives_in_fragments(live, claude):
+    claude.configure(tokens=0, tool_call=PARIS)
+    _response, events = live.stream(streamed("claude-sonnet-4", tools=[WEATHER_TOOL]))
+    chunks = chunks_of(events)
+    fragments = [
+        call for chunk in chunks for call in chunk["choices"][0]["delta"].get("tool_calls") or ()
+    ]
+    assert fragments[0]["function"]["name"] == "get_weather"
+    arguments = "".join(f["function"].get("arguments", "") for f in fragments)
+    assert orjson.loads(arguments) == {"city": "Paris"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+# --- Ends that are not the answer's end -------------------------------------------------
+
+
+def tokens(text_tokens: int) -> int:
+    """Tokens of the fake's first `text_tokens` words, as real200 counts them."""
+    return count_text_tokens(text_for(max(text_tokens, 0)), "gpt-4o")
+
+
+def test_a_client_that_disconnects_is_billed_for_what_was_produced(live):
+    live.upstream.configure(tokens=400, pace=0.02)
+    before = live.balance_nano()
+    headers = {"Authorization": f"Bearer {live.key}"}
+    url = f"{live.url}/v1/chat/completions"
+    received = ""
+    with httpx.stream(
+        "POST", url, json=streamed(max_tokens=1000), headers=headers, timeout=30
+    ) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choices = orjson.loads(line[6:])["choices"]
+                received += choices[0]["delta"].get("content") or ""
+            if len(received.split()) >= 5:
+                break
+        left_at = time.monotonic()
+    call = live.upstream.calls[-1]
+    assert call.wait_disconnected(seconds=2), "real200 kept reading from the upstream"
+    assert call.disconnected_at - left_at < 0.5  # at once, not at the next chunk timeout
+    assert not call.completed
+    (record,) = live.wait_settled()
+    assert record.end_reason == EndReason.CLIENT_GONE
+    assert record.usage_source == UsageSource.ESTIMATED
+    assert record.prompt_tokens == count_prompt_tokens(MESSAGES, "gpt-4o")
+    # Billed what the upstream produced until the client left: at least what the client
+    # received, at most what was produced, short of it by no more than two tokens in flight.
+    produced = call.tokens_at_disconnect
+    assert produced < 400
+    assert count_text_tokens(received, "gpt-4o") <= record.completion_tokens
+    assert tokens(produced - 2) <= record.completion_tokens <= tokens(call.tokens_sent)
+    assert record.charged_nano == cost_of(record)
+    assert live.balance_nano() == before - record.charged_nano
+    assert live.held_nano() == 0
+
+
+def failed_stream(events: list) -> tuple[list[dict], dict]:
+    """The chunks before the failure (validated) and the one error event that ends it."""
+    *chunks, error = events
+    for chunk in chunks:
+        assert_valid("CreateChatCompletionStreamResponse", chunk)
+    assert_valid("ErrorResponse", error)
+    assert "[DONE]" not in events
+    return chunks, error["error"]
+
+
+def test_a_stall_after_the_upstream_accepted_ends_the_stream_without_a_retry(live, backup):
+    live.set_timeouts(0.3)
+    live.upstream.configure(tokens=8, stall_after=3, stall=3.0)
+    before = live.balance_nano()
+    response, events = live.stream(streamed(include_usage=True))
+    assert response.status_code == 200
+    chunks, error = failed_stream(events)
+    assert error["code"] == "upstream_timeout"
+    assert error["type"] == "api_error"
+    assert text_of(chunks) == text_for(3)
+    assert len(live.upstream.calls) == 1
+    assert backup.calls == []
+    (record,) = live.wait_settled()
+    assert record.end_reason == EndReason.TIMEOUT
+    assert record.prompt_tokens == count_prompt_tokens(MESSAGES, "gpt-4o")
+    assert record.completion_tokens == tokens(3)
+    assert record.charged_nano == cost_of(record)
+    assert live.balance_nano() == before - record.charged_nano
+    assert live.upstream.calls[-1].wait_disconnected(seconds=2)
+
+
+def test_an_upstream_error_mid_stream_ends_the_stream_and_bills_only_what_was_delivered(
+    live, backup
+):
+    live.upstream.configure(tokens=8, error_after=4)
+    before = live.balance_nano()
+    _response, events = live.stream(streamed(include_usage=True))
+    chunks, error = failed_stream(events)
+    assert error["code"] == "upstream_error"
+    assert "fake failure" not in error["message"]  # the upstream's own words stay inside
+    assert text_of(chunks) == text_for(4)
+    assert all(chunk["choices"] for chunk in chunks)  # no usage chunk after a failure
+    assert len(live.upstream.calls) == 1
+    assert backup.calls == []
+    (record,) = live.wait_settled()
+    assert record.end_reason == EndReason.UPSTREAM_ERROR
+    # The error event's text is never output.
+    assert record.completion_tokens == tokens(4)
+    assert record.charged_nano == cost_of(record)
+    assert live.balance_nano() == before - record.charged_nano
+
+
+def test_a_connection_dropped_mid_stream_ends_the_stream_and_bills_what_was_delivered(live, backup):
+    live.upstream.configure(tokens=8, drop_after=3)
+    before = live.balance_nano()
+    _response, events = live.stream(streamed())
+    chunks, error = failed_stream(events)
+    assert error["code"] == "upstream_error"
+    assert text_of(chunks) == text_for(3)
+    assert backup.calls == []
+    (record,) = live.wait_settled()
+    assert record.end_reason == EndReason.UPSTREAM_ERROR
+    assert record.completion_tokens == tokens(3)
+    assert live.balance_nano() == before - record.charged_nano
+
+
+def test_an_upstream_error_before_any_text_bills_nothing(live, backup):
+    live.upstream.configure(tokens=8, error_after=0)
+    before = live.balance_nano()
+    _response, events = live.stream(streamed())
+    chunks, error = failed_stream(events)
+    assert error["code"] == "upstream_error"
+    assert text_of(chunks) == ""
+    assert backup.calls == []  # the role chunk was sent: too late for another channel
+    (record,) = live.wait_settled()
+    assert record.end_reason == EndReason.UPSTREAM_ERROR
+    assert (record.completion_tokens, record.charged_nano) == (0, 0)
+    assert live.balance_nano() == before
+
+
+def test_an_anthropic_error_mid_stream_bills_only_what_was_delivered(live, claude):
+    claude.configure(tokens=8, error_after=3, prompt_tokens=30)
+    before = live.balance_nano()
+    _response, events = live.stream(streamed("claude-sonnet-4"))
+    chunks, error = failed_stream(events)
+    assert error["code"] == "upstream_error"
+    assert text_of(chunks) == text_for(3)
+    (record,) = live.wait_settled()
+    assert record.end_reason == EndReason.UPSTREAM_ERROR
+    assert record.prompt_tokens == 30  # Anthropic's own count, sent before the failure
+    assert record.completion_tokens == tokens(3)
+    assert live.balance_nano() == before - cost_of(record)
+
+
+def test_a_stream_past_the_longest_call_time_ends_with_a_timeout_event(live, settings):
+    settings.GATEWAY_MAX_CALL_SECONDS = 0.3
+    live.upstream.configure(tokens=100, pace=0.03)
+    before = live.balance_nano()
+    _response, events = live.stream(streamed())
+    chunks, error = failed_stream(events)
+    assert error["code"] == "upstream_timeout"
+    delivered = text_of(chunks)
+    assert 0 < len(delivered.split()) < 100
+    assert live.upstream.calls[-1].wait_disconnected(seconds=2)
+    (record,) = live.wait_settled()
+    assert record.end_reason == EndReason.TIMEOUT
+    assert record.completion_tokens == count_text_tokens(delivered, "gpt-4o")
+    assert live.balance_nano() == before - cost_of(record)
+
+
+def test_a_client_that_leaves_before_the_first_chunk_pays_nothing(live):
+    live.upstream.configure(header_delay=3.0)
+    before = live.balance_nano()
+    with pytest.raises(httpx.ReadTimeout):
+        live.stream(streamed(), timeout=0.5)
+    call = live.upstream.calls[-1]
+    assert call.wait_disconnected(seconds=1), "real200 kept waiting for the upstream"
+    (record,) = live.wait_settled()
+    assert record.end_reason == EndReason.CLIENT_GONE
+    assert record.charged_nano == 0
+    assert live.balance_nano() == before
