@@ -43,6 +43,11 @@ from tests.fakes.stripe_api import (
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
 TWENTY = parse_usd("20.00")
+# Where Stripe sends the customer back: the dashboard passes its own pages.
+RETURN = {
+    "success_url": "https://real200.test/o/acme/balance/topup/{CHECKOUT_SESSION_ID}/",
+    "cancel_url": "https://real200.test/o/acme/balance/",
+}
 
 
 @pytest.fixture
@@ -51,8 +56,6 @@ def stripe_api(settings):
         settings.STRIPE_SECRET_KEY = fake.secret_key
         settings.STRIPE_API_BASE = fake.base_url
         settings.STRIPE_WEBHOOK_SECRET = WEBHOOK_SECRET
-        settings.STRIPE_SUCCESS_URL = "https://real200.test/billing?paid={CHECKOUT_SESSION_ID}"
-        settings.STRIPE_CANCEL_URL = "https://real200.test/billing"
         settings.TOPUP_MIN_USD = "5.00"
         settings.TOPUP_MAX_USD = "1000.00"
         yield fake
@@ -74,7 +77,7 @@ def _deliver(session: dict, **kwargs) -> StripeCheckout | None:
 def test_a_checkout_asks_stripe_for_a_payment_session_of_the_amount_in_cents(
     stripe_api, org, owner
 ):
-    checkout = checkout_create(organization=org, amount_nano=TWENTY, user=owner)
+    checkout = checkout_create(organization=org, amount_nano=TWENTY, user=owner, **RETURN)
     [request] = stripe_api.requests
     assert request.path == "/v1/checkout/sessions"
     assert request.headers["authorization"] == f"Bearer {stripe_api.secret_key}"
@@ -87,8 +90,8 @@ def test_a_checkout_asks_stripe_for_a_payment_session_of_the_amount_in_cents(
     assert params["metadata[organization_id]"] == str(org.pk)
     assert params["metadata[checkout_id]"] == str(checkout.pk)
     assert params["client_reference_id"] == str(checkout.pk)
-    assert params["success_url"] == "https://real200.test/billing?paid={CHECKOUT_SESSION_ID}"
-    assert params["cancel_url"] == "https://real200.test/billing"
+    assert params["success_url"] == RETURN["success_url"]
+    assert params["cancel_url"] == RETURN["cancel_url"]
     stored = StripeCheckout.objects.get()
     session = stripe_api.sessions[stored.session_id]
     assert stored.url == session["url"] == checkout.url
@@ -110,7 +113,7 @@ def test_a_checkout_amount_outside_the_bounds_or_not_whole_cents_is_refused(
     stripe_api, org, owner, amount, message
 ):
     with pytest.raises(TopupError, match=message):
-        checkout_create(organization=org, amount_nano=parse_usd(amount), user=owner)
+        checkout_create(organization=org, amount_nano=parse_usd(amount), user=owner, **RETURN)
     assert stripe_api.requests == []
     assert StripeCheckout.objects.count() == 0
     assert Transfer.objects.count() == 0
@@ -118,7 +121,7 @@ def test_a_checkout_amount_outside_the_bounds_or_not_whole_cents_is_refused(
 
 def test_the_bounds_themselves_are_accepted(stripe_api, org, owner):
     for amount in ("5.00", "1000.00"):
-        checkout_create(organization=org, amount_nano=parse_usd(amount), user=owner)
+        checkout_create(organization=org, amount_nano=parse_usd(amount), user=owner, **RETURN)
     sent = [r.params["line_items[0][price_data][unit_amount]"] for r in stripe_api.requests]
     assert sent == ["500", "100000"]
 
@@ -126,7 +129,7 @@ def test_the_bounds_themselves_are_accepted(stripe_api, org, owner):
 def test_when_stripe_refuses_no_checkout_is_left_behind(stripe_api, org, owner, caplog):
     stripe_api.fail_status = 400
     with pytest.raises(CheckoutUnavailable, match="did not answer"):
-        checkout_create(organization=org, amount_nano=TWENTY, user=owner)
+        checkout_create(organization=org, amount_nano=TWENTY, user=owner, **RETURN)
     assert StripeCheckout.objects.count() == 0
     assert any(r.levelno == logging.ERROR for r in caplog.records)
     assert stripe_api.secret_key not in caplog.text
@@ -135,7 +138,7 @@ def test_when_stripe_refuses_no_checkout_is_left_behind(stripe_api, org, owner, 
 def test_without_a_secret_key_card_top_ups_are_off(stripe_api, settings, org, owner):
     settings.STRIPE_SECRET_KEY = ""
     with pytest.raises(CheckoutUnavailable, match="not available"):
-        checkout_create(organization=org, amount_nano=TWENTY, user=owner)
+        checkout_create(organization=org, amount_nano=TWENTY, user=owner, **RETURN)
     assert stripe_api.requests == []
     assert StripeCheckout.objects.count() == 0
 
@@ -145,7 +148,7 @@ def test_without_a_secret_key_card_top_ups_are_off(stripe_api, settings, org, ow
 
 @pytest.fixture
 def session(stripe_api, org, owner) -> dict:
-    checkout = checkout_create(organization=org, amount_nano=TWENTY, user=owner)
+    checkout = checkout_create(organization=org, amount_nano=TWENTY, user=owner, **RETURN)
     return stripe_api.sessions[checkout.session_id]
 
 
@@ -206,7 +209,10 @@ def test_a_session_that_differs_from_the_checkout_is_refused_loudly(session, org
 def test_a_session_whose_metadata_names_another_checkout_or_organization_is_refused(
     session, org, outsider, caplog, field
 ):
-    other = {"checkout_id": "999999", "organization_id": str(outsider.memberships.get().pk)}
+    other = {
+        "checkout_id": "999999",
+        "organization_id": str(outsider.memberships.get().organization_id),
+    }
     metadata = {**session["metadata"], field: other[field]}
     assert _deliver(session, metadata=metadata) is None
     _assert_refused_loudly(caplog, org)
@@ -284,7 +290,7 @@ def test_a_signed_body_that_is_not_json_is_refused(session):
 def test_a_webhook_delivered_three_times_in_parallel_credits_once(stripe_api):
     owner = User.objects.create_user(email="pay@example.com", password="x-long-password")
     org = organization_create(slug="parallel-pay", name="P", owner=owner)
-    checkout = checkout_create(organization=org, amount_nano=TWENTY, user=owner)
+    checkout = checkout_create(organization=org, amount_nano=TWENTY, user=owner, **RETURN)
     payload, signature = signed_event(stripe_api.sessions[checkout.session_id])
     start = threading.Barrier(3)
 
