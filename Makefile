@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run serve worker beat test test-all lint format lock migrate
+.PHONY: install run serve worker beat test lint format lock migrate messages
 
 # The virtualenv with the locked dependencies (runtime and test tools). Re-run when the
 # lock file changes.
@@ -47,13 +47,23 @@ beat: install
 
 # Uses DATABASE_URL and REDIS_URL when set; otherwise SQLite and local memory, skipping
 # (with the reason) only the tests that need a real PostgreSQL or Redis.
+# The browser tests (tests/e2e) run in a pytest process of their own: Playwright's sync API
+# and pytest-asyncio cannot share one. They need PostgreSQL and /usr/bin/chromium and say so
+# when they skip.
 test: install
 	SECRET_KEY=$${SECRET_KEY:-insecure-test-only-key} $(BIN)/pytest -n $${TEST_WORKERS:-auto} $(PYTEST_ARGS)
+	SECRET_KEY=$${SECRET_KEY:-insecure-test-only-key} $(BIN)/pytest -p no:asyncio tests/e2e $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python manage.py makemigrations --check --dry-run
+
+# Refresh the zh-Hans catalogue from the code, then compile it (the .mo is committed, so a
+# newcomer needs no gettext).
+messages: install
+	$(BIN)/python manage.py makemessages -l zh_Hans --ignore=.venv --ignore=staticfiles
+	$(BIN)/python manage.py compilemessages -l zh_Hans --ignore=.venv
 
 format: install
 	$(BIN)/ruff format .

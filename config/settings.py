@@ -101,6 +101,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "django.template.context_processors.i18n",
+                "apps.dashboard.context.dashboard",
             ],
         },
     },
@@ -189,6 +190,10 @@ USE_TZ = True
 # --- Static files ---------------------------------------------------------------------
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard-home"
+LOGOUT_REDIRECT_URL = "login"
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
@@ -256,7 +261,5 @@ REST_FRAMEWORK = {
 STRIPE_SECRET_KEY = env_str("STRIPE_SECRET_KEY")
 STRIPE_WEBHOOK_SECRET = env_str("STRIPE_WEBHOOK_SECRET")
 STRIPE_API_BASE = env_str("STRIPE_API_BASE", "https://api.stripe.com")
-STRIPE_SUCCESS_URL = env_str("STRIPE_SUCCESS_URL", "http://127.0.0.1:8000/?topup=paid")
-STRIPE_CANCEL_URL = env_str("STRIPE_CANCEL_URL", "http://127.0.0.1:8000/?topup=cancelled")
 TOPUP_MIN_USD = env_str("TOPUP_MIN_USD", "5.00")
 TOPUP_MAX_USD = env_str("TOPUP_MAX_USD", "10000.00")

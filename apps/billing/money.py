@@ -22,6 +22,7 @@ from typing import Protocol
 Nano = int
 
 NANO_PER_USD = 10**9
+NANO_PER_CENT = NANO_PER_USD // 100
 TOKENS_PER_QUOTE = 10**6  # prices are quoted per million tokens
 _PLACES = 9  # digits after the point in one unit
 # Plain decimal notation only: "1e3" is a thousand dollars to Python but a typo to a person.

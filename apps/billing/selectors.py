@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from django.db.models import Sum
+from django.db.models import (
+    BigIntegerField,
+    Case,
+    F,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
+from django.db.models.functions import Coalesce
 
-from apps.billing.models import Account, AccountKind, Hold, HoldStatus, Transfer
+from apps.billing.models import (
+    Account,
+    AccountKind,
+    Hold,
+    HoldStatus,
+    StripeCheckout,
+    Transfer,
+)
 from apps.billing.money import Nano, format_usd
 from apps.tenancy.models import Organization
 
@@ -18,6 +38,117 @@ def balance_for_organization(*, organization: Organization) -> Account | None:
 def available_nano_for_organization(*, organization: Organization) -> Nano:
     account = balance_for_organization(organization=organization)
     return account.available_nano if account else 0
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceSummary:
+    """An organization's money at a glance: zeros for one that has never had any."""
+
+    balance_nano: Nano = 0
+    held_nano: Nano = 0
+    threshold_nano: Nano | None = None  # the low-balance warning; None: off
+
+    @property
+    def available_nano(self) -> Nano:
+        return self.balance_nano - self.held_nano
+
+    @property
+    def is_below_threshold(self) -> bool:
+        """What `low_balance_alerts_send` emails the owners about."""
+        return self.threshold_nano is not None and self.available_nano < self.threshold_nano
+
+
+def balance_summary_for_organization(*, organization: Organization) -> BalanceSummary:
+    account = balance_for_organization(organization=organization)
+    if account is None:
+        return BalanceSummary()
+    return BalanceSummary(
+        balance_nano=account.balance_nano,
+        held_nano=account.held_nano,
+        threshold_nano=account.low_balance_threshold_nano,
+    )
+
+
+def holds_open_for_organization(*, organization: Organization) -> QuerySet[Hold]:
+    """The organization's open holds (calls in flight), newest first, with their keys."""
+    return (
+        Hold.objects.filter(account__organization=organization, status=HoldStatus.OPEN)
+        .select_related("api_key")
+        .order_by("-created_at", "-pk")
+    )
+
+
+def ledger_for_organization(*, organization: Organization) -> QuerySet[Transfer]:
+    """The transfers into and out of the organization's account, newest first, each with
+    `signed_nano`: the amount, negative when the money went out.
+
+    Every transfer moves money between two accounts, and a customer account belongs to one
+    organization: filtering on this account's id is the whole tenant boundary. The id is
+    looked up first so the database gets two plain index conditions, not a join.
+    """
+    account = balance_for_organization(organization=organization)
+    if account is None:
+        return Transfer.objects.none()
+    return (
+        Transfer.objects.filter(Q(from_account_id=account.pk) | Q(to_account_id=account.pk))
+        .annotate(
+            signed_nano=Case(
+                When(to_account_id=account.pk, then=F("amount_nano")),
+                default=-F("amount_nano"),
+                output_field=BigIntegerField(),
+            )
+        )
+        # What each transfer was for, in the same query: the call it charged, the code
+        # it redeemed, the card payment it credited.
+        .select_related("api_key", "created_by", "usage_record", "redemption", "checkout")
+        .order_by("-pk")
+    )
+
+
+def ledger_balances_after(
+    *, organization: Organization, transfers: Sequence[Transfer]
+) -> list[Nano]:
+    """The account's balance just after each of `transfers`: consecutive rows of
+    `ledger_for_organization` (a page of it), newest first.
+
+    Counted back from the current balance, so a page costs one query however long the
+    history: the balance after the page's newest row is the balance now less what every
+    later transfer moved. The balance and those sums are read in one statement, which sees
+    a transfer and its balance update together or not at all (they commit together).
+    """
+    if not transfers:
+        return []
+
+    def moved_later(direction: str) -> Coalesce:
+        later = (
+            Transfer.objects.filter(**{direction: OuterRef("pk")}, pk__gt=transfers[0].pk)
+            .order_by()
+            .values(direction)
+            .annotate(total=Sum("amount_nano"))
+            .values("total")
+        )
+        return Coalesce(Subquery(later), Value(0), output_field=BigIntegerField())
+
+    balance, later_in, later_out = (
+        Account.objects.filter(organization=organization)
+        .annotate(later_in=moved_later("to_account"), later_out=moved_later("from_account"))
+        .values_list("balance_nano", "later_in", "later_out")
+        .get()
+    )
+    after = balance - later_in + later_out
+    balances = []
+    for transfer in transfers:
+        balances.append(after)
+        after -= transfer.signed_nano
+    return balances
+
+
+def checkout_for_organization(
+    *, organization: Organization, session_id: str
+) -> StripeCheckout | None:
+    """The organization's Stripe checkout with this session id; None for another
+    organization's as for one that does not exist."""
+    return StripeCheckout.objects.filter(organization=organization, session_id=session_id).first()
 
 
 @dataclass

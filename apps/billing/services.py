@@ -16,9 +16,12 @@ from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from apps.billing.models import Account, AccountKind, Hold, HoldStatus, Transfer, TransferKind
 from apps.billing.money import (
+    NANO_PER_CENT,
+    NANO_PER_USD,
     Nano,
     Rates,
     affordable_completion_tokens,
@@ -29,6 +32,10 @@ from apps.keys.models import ApiKey, BudgetPeriod
 from apps.tenancy.models import Membership, Organization, Role, User
 
 logger = logging.getLogger(__name__)
+
+# A low-balance threshold above this is a typo, not a plan (and keeps the column far from
+# its 64-bit limit).
+LOW_BALANCE_THRESHOLD_MAX_NANO = 1_000_000 * NANO_PER_USD
 
 
 class InsufficientFunds(Exception):
@@ -451,6 +458,41 @@ def low_balance_alerts_send() -> int:
             sent += 1
     armed.filter(~below, is_low_balance_alerted=True).update(is_low_balance_alerted=False)
     return sent
+
+
+class ThresholdError(ValueError):
+    """A low-balance threshold that cannot be set; the message says why, for the customer."""
+
+
+def low_balance_threshold_set(
+    *, organization: Organization, threshold_nano: Nano | None
+) -> Account:
+    """Set the available balance below which the organization's owners are emailed (None:
+    never).
+
+    A changed threshold re-arms the alert: the next run of `low_balance_alerts_send` judges
+    the balance against the new threshold afresh, so raising it above the balance warns
+    once more, and an alert sent under the old threshold does not silence the new one.
+    Setting the same threshold again changes nothing (no second email). Moves no money; a
+    concurrent change simply wins or loses as a whole.
+    """
+    if threshold_nano is not None and threshold_nano <= 0:
+        raise ThresholdError(_("the threshold must be more than zero; leave it empty for none"))
+    if threshold_nano is not None and threshold_nano % NANO_PER_CENT:
+        raise ThresholdError(_("the threshold is a whole number of cents"))
+    if threshold_nano is not None and threshold_nano > LOW_BALANCE_THRESHOLD_MAX_NANO:
+        raise ThresholdError(
+            _("the threshold can be at most $%(max)s")
+            % {"max": format_usd(LOW_BALANCE_THRESHOLD_MAX_NANO, 2)}
+        )
+    account = account_for_organization(organization=organization)
+    if account.low_balance_threshold_nano != threshold_nano:
+        Account.objects.filter(pk=account.pk).update(
+            low_balance_threshold_nano=threshold_nano, is_low_balance_alerted=False
+        )
+        account.low_balance_threshold_nano = threshold_nano
+        account.is_low_balance_alerted = False
+    return account
 
 
 def _send_low_balance_email(account: Account) -> None:

@@ -33,7 +33,7 @@ from apps.billing.models import (
     Transfer,
     TransferKind,
 )
-from apps.billing.money import NANO_PER_USD, MoneyError, Nano, format_usd, parse_usd
+from apps.billing.money import NANO_PER_CENT, MoneyError, Nano, format_usd, parse_usd
 from apps.billing.services import account_for_organization, system_account, transfer_post_once
 from apps.tenancy.models import Organization, User
 
@@ -48,7 +48,6 @@ CODE_GROUPS = 4
 CODE_GROUP_LENGTH = 4
 CODE_MINT_MAX = 10_000  # codes in one batch
 
-NANO_PER_CENT = NANO_PER_USD // 100
 STRIPE_TIMEOUT_SECONDS = 20
 # Events that credit a paid session: a card is paid when the session completes; a delayed
 # method (a bank debit) completes unpaid and is paid later, in async_payment_succeeded.
@@ -241,11 +240,23 @@ def _stripe_client(secret_key: str, api_base: str) -> stripe.StripeClient:
     )
 
 
+def card_topups_available() -> bool:
+    """Whether card top-ups are turned on (STRIPE_SECRET_KEY is set)."""
+    return bool(settings.STRIPE_SECRET_KEY)
+
+
 def checkout_create(
-    *, organization: Organization, amount_nano: Nano, user: User | None
+    *,
+    organization: Organization,
+    amount_nano: Nano,
+    user: User | None,
+    success_url: str,
+    cancel_url: str,
 ) -> StripeCheckout:
     """Open a Stripe Checkout session for a card top-up of `amount_nano`; the customer pays
-    on Stripe's page at `checkout.url`.
+    on Stripe's page at `checkout.url`, and Stripe sends them back to `success_url` (where
+    `{CHECKOUT_SESSION_ID}` is replaced by the session's id) or `cancel_url`: absolute
+    addresses, chosen by the caller, which knows where its pages are.
 
     Moves no money: only the webhook credits (`checkout_complete_from_event`), once Stripe
     says the session is paid. The row is written before Stripe is asked, so its id can go
@@ -255,7 +266,7 @@ def checkout_create(
     for a bad amount and CheckoutUnavailable when Stripe cannot be used.
     """
     cents = checkout_cents(amount_nano)
-    if not settings.STRIPE_SECRET_KEY:
+    if not card_topups_available():
         raise CheckoutUnavailable(_("card top-ups are not available"))
     client = _stripe_client(settings.STRIPE_SECRET_KEY, settings.STRIPE_API_BASE)
     checkout = StripeCheckout.objects.create(
@@ -280,8 +291,8 @@ def checkout_create(
                         },
                     }
                 ],
-                "success_url": settings.STRIPE_SUCCESS_URL,
-                "cancel_url": settings.STRIPE_CANCEL_URL,
+                "success_url": success_url,
+                "cancel_url": cancel_url,
                 "client_reference_id": str(checkout.pk),
                 "metadata": metadata,
                 "payment_intent_data": {"metadata": metadata},

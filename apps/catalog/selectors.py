@@ -141,3 +141,38 @@ def callable_models() -> list[CallableModel]:
         CallableModel(name=m.name, owned_by=m.owned_by, created=int(m.created_at.timestamp()))
         for m in models
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """A callable model and its price in force, nano-dollars per million tokens."""
+
+    name: str
+    owned_by: str
+    input_nano_per_mtok: int
+    cached_input_nano_per_mtok: int
+    output_nano_per_mtok: int
+
+
+def price_list_callable() -> list[ModelPrice]:
+    """Every callable model (as `callable_models`) with its newest price, by name: two
+    queries whatever the number of models."""
+    models = callable_models()
+    newest: dict[str, Price] = {}
+    prices = (
+        Price.objects.filter(model__name__in=[m.name for m in models])
+        .select_related("model")
+        .order_by("model_id", "-pk")
+    )
+    for price in prices:
+        newest.setdefault(price.model.name, price)
+    return [
+        ModelPrice(
+            name=m.name,
+            owned_by=m.owned_by,
+            input_nano_per_mtok=newest[m.name].input_nano_per_mtok,
+            cached_input_nano_per_mtok=newest[m.name].cached_input_nano_per_mtok,
+            output_nano_per_mtok=newest[m.name].output_nano_per_mtok,
+        )
+        for m in models
+    ]

@@ -1,9 +1,11 @@
-from django.urls import path
+from django.urls import include, path
 
 from apps.dashboard import views
 
 urlpatterns = [
-    path("billing/redeem", views.redeem_view, name="billing-redeem"),
-    path("billing/checkout", views.checkout_view, name="billing-checkout"),
     path("stripe/webhook", views.stripe_webhook_view, name="stripe-webhook"),
+    # Accounts, organizations and members, keys, models and docs.
+    path("", include("apps.dashboard.urls_people")),
+    # Balance, top-ups and usage.
+    path("", include("apps.dashboard.urls_money")),
 ]

@@ -96,6 +96,15 @@ class ApiKey(models.Model):
     def is_expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now
 
+    def status(self, now: datetime) -> str:
+        """ "revoked", "expired" or "active" (a revoked key reads as revoked even when its
+        expiry has passed too: revocation is the deliberate act)."""
+        if self.is_revoked:
+            return "revoked"
+        if self.is_expired(now):
+            return "expired"
+        return "active"
+
     def allows_model(self, model: str) -> bool:
         return not self.allowed_models or model in self.allowed_models
 

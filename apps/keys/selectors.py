@@ -11,8 +11,11 @@ from datetime import datetime
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
+from django.db.models import QuerySet
+from django.http import Http404
 
 from apps.keys.models import KEY_PREFIX, KEY_RANDOM_LENGTH, ApiKey, hash_key, ip_in_ranges
+from apps.tenancy.models import Organization
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +24,20 @@ KEY_SHAPE = re.compile(rf"^{KEY_PREFIX}[A-Za-z0-9]{{{KEY_RANDOM_LENGTH}}}$")
 
 class KeyNotFound(LookupError):
     pass
+
+
+def key_list_for_org(*, organization: Organization) -> QuerySet[ApiKey]:
+    """An organization's keys, newest first, revoked ones included."""
+    return ApiKey.objects.filter(organization=organization).order_by("-created_at", "-pk")
+
+
+def key_get_in_org(*, organization: Organization, key_id: int) -> ApiKey:
+    """One of `organization`'s keys by id. A key of another organization and no key at
+    all raise the same Http404: the dashboard reaches keys only through here."""
+    key = ApiKey.objects.filter(pk=key_id, organization=organization).first()
+    if key is None:
+        raise Http404("no such key")
+    return key
 
 
 def key_get_by_reference(*, reference: str) -> ApiKey:

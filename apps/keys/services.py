@@ -1,4 +1,4 @@
-"""Creating and revoking API keys."""
+"""Creating, changing and revoking API keys."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from datetime import datetime
 from django.core.cache import cache
 from django.db import transaction
 from django.utils import timezone
+from django.utils.translation import gettext as _
 
 from apps.keys.models import (
     KEY_DISPLAY_CHARS,
@@ -40,8 +41,30 @@ def normalize_cidrs(cidrs: list[str]) -> list[str]:
         try:
             networks.append(str(ipaddress.ip_network(raw.strip(), strict=False)))
         except ValueError:
-            raise KeyPolicyError(f"{raw!r} is not an IP address or CIDR range") from None
+            raise KeyPolicyError(
+                _("%(value)r is not an IP address or CIDR range") % {"value": raw}
+            ) from None
     return networks
+
+
+def _check_policy(
+    *,
+    rpm: int | None,
+    tpm: int | None,
+    budget_nano: int | None,
+    budget_period: str,
+    expires_at: datetime | None,
+) -> None:
+    """The rules every key's policy obeys, at creation and at each change."""
+    for label, value in (("rpm", rpm), ("tpm", tpm)):
+        if value is not None and value < 1:
+            raise KeyPolicyError(_("%(label)s must be at least 1") % {"label": label})
+    if budget_nano is not None and budget_nano < 0:
+        raise KeyPolicyError(_("budget must not be negative"))
+    if budget_period not in BudgetPeriod.values:
+        raise KeyPolicyError(_("unknown budget period"))
+    if expires_at is not None and expires_at <= timezone.now():
+        raise KeyPolicyError(_("expiry must be in the future"))
 
 
 def key_create(
@@ -58,13 +81,13 @@ def key_create(
     allowed_ips: list[str] | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key; returns it with its clear text, which exists nowhere else afterwards."""
-    for label, value in (("rpm", rpm), ("tpm", tpm)):
-        if value is not None and value < 1:
-            raise KeyPolicyError(f"{label} must be at least 1")
-    if budget_nano is not None and budget_nano < 0:
-        raise KeyPolicyError("budget must not be negative")
-    if expires_at is not None and expires_at <= timezone.now():
-        raise KeyPolicyError("expiry must be in the future")
+    _check_policy(
+        rpm=rpm,
+        tpm=tpm,
+        budget_nano=budget_nano,
+        budget_period=budget_period,
+        expires_at=expires_at,
+    )
     clear = generate_clear_key()
     key = ApiKey.objects.create(
         organization=organization,
@@ -83,6 +106,59 @@ def key_create(
     )
     _forget_grant(key)  # a lookup made before the key existed may have cached "missing"
     return key, clear
+
+
+@transaction.atomic
+def key_update_policy(
+    *,
+    key: ApiKey,
+    name: str,
+    allowed_models: list[str],
+    rpm: int | None,
+    tpm: int | None,
+    budget_nano: int | None,
+    budget_period: str,
+    expires_at: datetime | None,
+    allowed_ips: list[str],
+) -> ApiKey:
+    """Replace a key's name and policy, checked as at creation. A revoked key stays as it
+    was. Every process sees the new policy within a second, as with a revocation: the
+    shared cache entry is dropped at commit and per-process memos live a second at most.
+    """
+    locked = ApiKey.objects.select_for_update().get(pk=key.pk)
+    if locked.is_revoked:
+        raise KeyPolicyError(_("a revoked key cannot be changed"))
+    _check_policy(
+        rpm=rpm,
+        tpm=tpm,
+        budget_nano=budget_nano,
+        budget_period=budget_period,
+        # An expiry left as it was may have passed; only a new one must lie ahead.
+        expires_at=expires_at if expires_at != locked.expires_at else None,
+    )
+    ips = normalize_cidrs(allowed_ips)
+    locked.name = name
+    locked.allowed_models = sorted(set(allowed_models))
+    locked.rpm = rpm
+    locked.tpm = tpm
+    locked.budget_nano = budget_nano
+    locked.budget_period = budget_period
+    locked.expires_at = expires_at
+    locked.allowed_ips = ips
+    locked.save(
+        update_fields=[
+            "name",
+            "allowed_models",
+            "rpm",
+            "tpm",
+            "budget_nano",
+            "budget_period",
+            "expires_at",
+            "allowed_ips",
+        ]
+    )
+    _forget_grant(locked)
+    return locked
 
 
 def _forget_grant(key: ApiKey) -> None:

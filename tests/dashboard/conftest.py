@@ -14,6 +14,16 @@ from tests.fakes.stripe_api import WEBHOOK_SECRET, StripeFake
 _addresses = (f"198.51.{i // 250}.{i % 250 + 1}" for i in itertools.count())
 
 
+@pytest.fixture(autouse=True)
+def _static_without_manifest(settings) -> None:
+    """Pages link their CSS with {% static %}; tests run no collectstatic, so the manifest
+    storage of production would have nothing to look the file up in."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+
+
 @pytest.fixture
 def client() -> Client:
     return Client(REMOTE_ADDR=next(_addresses))
