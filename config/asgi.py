@@ -1,7 +1,40 @@
+"""The ASGI application: the /v1 API and everything else, each with its own middleware.
+
+Django's middleware (MiddlewareMixin) costs two thread hops per middleware per request in
+an async stack. The dashboard needs the whole stack; the API, which authenticates by key,
+needs only the security headers. So /v1 requests go to a second Django handler whose
+chain is settings.API_MIDDLEWARE; both share the URLconf, the settings and the process.
+"""
+
 import os
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
-application = get_asgi_application()
+pages = get_asgi_application()  # sets Django up
+
+from django.conf import settings  # noqa: E402 - after setup
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+
+
+class ApiHandler(ASGIHandler):
+    def load_middleware(self, is_async: bool = False) -> None:
+        # BaseHandler builds its chain from settings.MIDDLEWARE; build this one from the
+        # API's list instead, once, at start-up.
+        full = settings.MIDDLEWARE
+        settings.MIDDLEWARE = settings.API_MIDDLEWARE
+        try:
+            super().load_middleware(is_async=is_async)
+        finally:
+            settings.MIDDLEWARE = full
+
+
+api = ApiHandler()
+
+
+async def application(scope, receive, send) -> None:
+    if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        await api(scope, receive, send)
+    else:
+        await pages(scope, receive, send)

@@ -76,7 +76,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "config.static.AsyncWhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -85,6 +85,10 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+# The /v1 API is served by its own handler (config/asgi.py) with only this: it
+# authenticates by key and answers in OpenAI's shapes, so sessions, languages, CSRF, users
+# and messages would be pure cost there, each a pair of thread hops in an async stack.
+API_MIDDLEWARE = ["config.middleware.InlineSecurityMiddleware"]
 
 ROOT_URLCONF = "config.urls"
 ASGI_APPLICATION = "config.asgi.application"
@@ -155,6 +159,11 @@ if REDIS_URL:
             "OPTIONS": {
                 "SOCKET_CONNECT_TIMEOUT": 1,
                 "SOCKET_TIMEOUT": 1,
+                # redis-py's default pool of 100 runs dry under a few hundred concurrent
+                # calls, and then every limit check would fail open.
+                "CONNECTION_POOL_KWARGS": {
+                    "max_connections": env_int("REDIS_MAX_CONNECTIONS", 2000)
+                },
             },
             "KEY_PREFIX": env_str("CACHE_KEY_PREFIX", "real200"),
         }
@@ -228,6 +237,9 @@ LOGGING = {
     "loggers": {
         # Errors in async views are invisible with DEBUG off unless this logger is set.
         "django.request": {"handlers": ["console"], "level": "ERROR", "propagate": False},
+        # One INFO line per upstream request is noise at this volume, and costs CPU.
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
     },
 }
 

@@ -9,6 +9,7 @@ locked last and held for as short a time as possible.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -116,26 +117,20 @@ def transfer_post(
 ) -> Transfer:
     """Move `amount_nano` between two accounts: the only way a balance changes.
 
-    Inserts the transfer and updates both cached balances in one transaction. A debit
-    that would take a customer's spendable balance below zero raises InsufficientFunds
-    and nothing is written. Raises IntegrityError on a reused `idempotency_key`: callers
-    that expect retries use `transfer_post_once`.
+    Updates both cached balances and inserts the transfer in one transaction: the
+    caller's when there is one (no savepoint: two round trips saved on every settlement),
+    else its own. The accounts are updated first, in the lock order above, so the one check
+    that can refuse (a customer's debit; customers come first) runs before anything is
+    written: InsufficientFunds then leaves the caller's transaction usable and nothing
+    written. Raises IntegrityError on a reused `idempotency_key`: callers that expect
+    retries use `transfer_post_once`.
     """
     if amount_nano <= 0:
         raise ValueError("a transfer moves a positive amount")
     if from_account.pk == to_account.pk:
         raise ValueError("a transfer moves money between two different accounts")
-    with transaction.atomic():
-        transfer = Transfer.objects.create(
-            from_account=from_account,
-            to_account=to_account,
-            amount_nano=amount_nano,
-            kind=kind,
-            memo=memo[:500],
-            api_key_id=api_key_id,
-            created_by=created_by,
-            idempotency_key=idempotency_key,
-        )
+    in_transaction = transaction.get_connection().in_atomic_block
+    with nullcontext() if in_transaction else transaction.atomic():
         for account in sorted((from_account, to_account), key=_lock_order):
             if account.pk == to_account.pk:
                 Account.objects.filter(pk=account.pk).update(
@@ -155,7 +150,16 @@ def transfer_post(
                 raise InsufficientFunds(
                     available_nano=fresh.available_nano, needed_nano=amount_nano
                 )
-    return transfer
+        return Transfer.objects.create(
+            from_account=from_account,
+            to_account=to_account,
+            amount_nano=amount_nano,
+            kind=kind,
+            memo=memo[:500],
+            api_key_id=api_key_id,
+            created_by=created_by,
+            idempotency_key=idempotency_key,
+        )
 
 
 def transfer_post_once(*, idempotency_key: str, **fields) -> tuple[Transfer, bool]:
@@ -401,7 +405,7 @@ def hold_settle(
     upstream that counted more prompt tokens than our estimate), the part that cannot be
     collected is not charged, and the caller records it.
     """
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         if not _hold_close(hold=hold, status=HoldStatus.SETTLED):
             return False, None, 0
         if cost_nano <= 0:

@@ -62,7 +62,7 @@ from apps.gateway.providers.base import (
     Usage,
     UsageEvent,
 )
-from apps.gateway.tokens import count_prompt_tokens, count_text_tokens
+from apps.gateway.tokens import count_prompt_tokens, count_text_tokens, encoding_ready
 from apps.gateway.validation import ValidRequest
 from apps.keys.limits import (
     Admission,
@@ -79,8 +79,9 @@ from apps.usage.tasks import settle_call
 logger = logging.getLogger(__name__)
 
 _ID_ALPHABET = string.ascii_letters + string.digits
-# Counting a long prompt takes a millisecond or more of CPU: past this size it runs in a
-# worker thread so the event loop keeps serving other streams.
+# Counting a long prompt takes a millisecond or more of CPU: past this size (or before the
+# vocabulary is loaded) it runs in a worker thread so the event loop keeps serving other
+# streams.
 _OFF_LOOP_PROMPT_CHARS = 20_000
 
 
@@ -172,7 +173,8 @@ async def resolve_route(model: str) -> Route:
 
 async def estimate_prompt_tokens(request: ValidRequest) -> int:
     messages, tools = request.body["messages"], request.body.get("tools")
-    if sum(len(str(m.get("content") or "")) for m in messages) < _OFF_LOOP_PROMPT_CHARS:
+    prompt_chars = sum(len(str(m.get("content") or "")) for m in messages)
+    if prompt_chars < _OFF_LOOP_PROMPT_CHARS and encoding_ready(request.model):
         return count_prompt_tokens(messages, request.model, tools)
     return await sync_to_async(count_prompt_tokens, thread_sensitive=False)(
         messages, request.model, tools
