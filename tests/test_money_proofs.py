@@ -240,3 +240,31 @@ def test_a_settlement_that_fails_on_a_database_blip_is_finished_later_exactly_on
     account = Account.objects.get(organization=org)
     assert (account.balance_nano, account.held_nano) == (funding - cost, 0)
     _assert_books_clean()
+
+
+def test_with_the_database_away_a_call_is_a_503_to_retry_and_charges_nothing():
+    database = connection.settings_dict["NAME"]
+    with OpenAIFake(tokens=5) as fake:
+        _org, _price, key = _setup(fake, parse_usd("5.00"))
+        connections.close_all()
+        env = {**_server_env(), "DB_POOL_TIMEOUT": "1"}
+        with real200_server(workers=1, env=env) as server:
+            body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 5}
+            headers = {"Authorization": f"Bearer {key}"}
+            assert (
+                httpx.post(
+                    f"{server.url}/v1/chat/completions", json=body, headers=headers
+                ).status_code
+                == 200
+            )
+            with _database_unreachable(database):
+                answer = httpx.post(
+                    f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=30
+                )
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "1"
+    error = answer.json()["error"]
+    assert (error["type"], error["code"]) == ("api_error", "server_busy")
+    assert len(fake.calls) == 1  # the second call never reached the upstream
+    _assert_books_clean()
+    assert Transfer.objects.filter(kind=TransferKind.CHARGE).count() == 1

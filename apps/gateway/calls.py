@@ -21,7 +21,7 @@ import httpx
 import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.utils import timezone
 
 from apps.billing.models import Hold
@@ -44,6 +44,7 @@ from apps.gateway.errors import (
     NotFound,
     PermissionDenied,
     RateLimited,
+    ServiceBusy,
     UpstreamBadGateway,
     UpstreamOverloaded,
     UpstreamRefused,
@@ -197,7 +198,7 @@ def _reserve_and_hold(
             expires_at=timezone.now() + timedelta(seconds=settings.GATEWAY_HOLD_SECONDS),
             quote=quote,
         )
-    except InsufficientFunds:
+    except (InsufficientFunds, DatabaseError):
         tokens_correct(reserved, 0)
         raise
     finally:
@@ -286,6 +287,14 @@ async def open_call(
         )
     except LimitExceeded as exceeded:
         raise rate_limited(exceeded) from None
+    except DatabaseError:
+        # Overload (the pool had no connection to give in time) or a database blip before
+        # anything was held or sent: the customer may simply retry.
+        logger.exception("call %s: the database did not answer in time", call_id)
+        raise ServiceBusy(
+            "real200 is busy right now; nothing was charged. Please retry in a moment.",
+            headers={"Retry-After": "1"},
+        ) from None
     except (CallNotAffordable, InsufficientFunds) as refusal:
         metrics.REFUSED_FOR_QUOTA.labels(model=request.model).inc()
         raise _quota_error(refusal, quote) from None

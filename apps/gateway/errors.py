@@ -97,6 +97,13 @@ class RateLimited(GatewayError):
     code = "rate_limit_exceeded"
 
 
+class ServiceBusy(GatewayError):
+    """real200 itself is overloaded (no database connection came free in time)."""
+
+    status = 503
+    code = "server_busy"
+
+
 class UpstreamBadGateway(GatewayError):
     status = 502
     code = "upstream_error"

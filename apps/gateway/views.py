@@ -13,6 +13,7 @@ import orjson
 from adrf.views import APIView
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from rest_framework import exceptions as drf_exceptions
 
@@ -24,6 +25,7 @@ from apps.gateway.errors import (
     MethodNotAllowed,
     NotFound,
     RequestTooLarge,
+    ServiceBusy,
     UpstreamTimeout,
     sse_error_event,
 )
@@ -84,6 +86,12 @@ class OpenAIView(APIView):
         if isinstance(exc, drf_exceptions.MethodNotAllowed):
             return MethodNotAllowed(
                 f"Method {self.request.method} is not allowed on {self.request.path}."
+            ).response()
+        if isinstance(exc, DatabaseError):  # overload or a blip: nothing was charged
+            logger.exception("request %s: the database did not answer", self.request_id)
+            return ServiceBusy(
+                "real200 is busy right now; nothing was charged. Please retry in a moment.",
+                headers={"Retry-After": "1"},
             ).response()
         logger.exception("request %s failed", self.request_id)
         return GatewayError(
