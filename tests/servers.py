@@ -95,3 +95,30 @@ def real200_server(
                 process.wait()
         log.close()
         server.log_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def asgi_in_thread(application, *, name: str = "real200-live") -> Iterator[str]:
+    """Serve an ASGI application with uvicorn in a thread of this process (it shares the
+    test's settings and caches); yield its base URL once it accepts connections."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(
+        application, host="127.0.0.1", port=port, lifespan="off", log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -15,19 +15,16 @@ test-artifacts/e2e/.
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.test import override_settings
 
 from tests.fakes.upstreams import OpenAIFake
-from tests.servers import ROOT, free_port
+from tests.servers import ROOT, asgi_in_thread
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -86,29 +83,15 @@ def real200(tmp_path_factory) -> Iterator[str]:
         SECURE_SSL_REDIRECT=False,
     ):
         call_command("collectstatic", interactive=False, verbosity=0)
-        # Built here, not imported from config.asgi: WhiteNoise reads STATIC_ROOT when the
-        # application loads its middleware.
-        from django.core.asgi import get_asgi_application
+        # Built here, not imported at the top: WhiteNoise reads STATIC_ROOT when the
+        # application loads its middleware, and config.asgi builds it on import.
+        import importlib
 
-        server = uvicorn.Server(
-            uvicorn.Config(
-                get_asgi_application(),
-                host="127.0.0.1",
-                port=free_port(),
-                lifespan="off",
-                log_level="warning",
-            )
-        )
-        thread = threading.Thread(target=server.run, name="real200-e2e", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("real200 did not start")
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{server.config.port}"
-        server.should_exit = True
-        thread.join(timeout=10)
+        import config.asgi
+
+        application = importlib.reload(config.asgi).application
+        with asgi_in_thread(application, name="real200-e2e") as url:
+            yield url
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ with DELETE, which the ledger's immutability trigger refuses, by design).
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import uvicorn
 from django.db import connections
 from openai import OpenAI
 
@@ -35,34 +33,15 @@ from apps.tenancy.services import organization_create
 from apps.usage.models import UsageRecord
 from apps.usage.selectors import usage_ledger_problems
 from tests.fakes.upstreams import AnthropicFake, FakeUpstream, OpenAIFake
-from tests.servers import free_port
+from tests.servers import asgi_in_thread
 
 
 @pytest.fixture(scope="session")
 def real200_url() -> Iterator[str]:
     from config.asgi import application
 
-    port = free_port()
-    config = uvicorn.Config(
-        application,
-        host="127.0.0.1",
-        port=port,
-        lifespan="off",
-        log_level="warning",
-        loop="asyncio",
-        http="httptools",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="real200-live", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the live real200 did not start")
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with asgi_in_thread(application) as url:
+        yield url
 
 
 # The fake upstreams live as long as the test process (starting and stopping one costs a
