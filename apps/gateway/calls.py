@@ -120,6 +120,7 @@ class Call:
     end_reason: str = EndReason.DONE
     status_code: int = 200
     settled: bool = False
+    billed: Usage | None = None  # what billed_usage decided, once the answer was complete
 
     @property
     def chat(self) -> ChatRequest:
@@ -342,7 +343,7 @@ def _all_failed(errors: list[UpstreamError], model: str) -> GatewayError:
     return UpstreamBadGateway(f"Every upstream for '{model}' failed. Please retry.")
 
 
-def _rejected(call: Call, error: UpstreamRejected) -> GatewayError:
+def _rejected(error: UpstreamRejected) -> GatewayError:
     message = str(error) or "The upstream provider rejected the request."
     return UpstreamRefused(message, status=error.status or 400)
 
@@ -379,7 +380,7 @@ async def complete(call: Call) -> Completion:
         except UpstreamRejected as error:
             call.status_code = error.status or 400
             call.end_reason = EndReason.UPSTREAM_ERROR
-            raise _rejected(call, error) from None
+            raise _rejected(error) from None
         except UpstreamFailed as error:
             call.accepted = True
             failure = upstream_failure(call, error)
@@ -430,7 +431,7 @@ async def open_stream(call: Call) -> tuple[StreamEvent, AsyncIterator[StreamEven
             await events.aclose()
             call.status_code = error.status or 400
             call.end_reason = EndReason.UPSTREAM_ERROR
-            raise _rejected(call, error) from None
+            raise _rejected(error) from None
         except (UpstreamFailed, StopAsyncIteration) as error:
             await events.aclose()
             call.accepted = True
@@ -532,12 +533,22 @@ def billed_usage(call: Call) -> Usage:
     """What the call is billed for: the upstream's own count when it gave one and the
     call ran to its end; otherwise our count of what was delivered.
 
+    Asked once the answer is complete (its usage body, then settlement), it is computed
+    once: local counting is the tokenizer's work, and the figure shown is the one charged.
+    A call cut short before that point is computed at settlement, from what it delivered.
+
     Never more output than `max_tokens` allows, whoever counted: the customer capped the
     call there, and the hold covers no more (an upstream may count past the cap, e.g. a
     tool call's arguments beyond it).
     Nothing is billed for a call that delivered no output because the upstream failed:
     error text is never output.
     """
+    if call.billed is None:
+        call.billed = _billed_usage(call)
+    return call.billed
+
+
+def _billed_usage(call: Call) -> Usage:
     if call.usage is not None and call.end_reason == EndReason.DONE:
         allowed = call.max_tokens * call.request.n
         if call.usage.completion_tokens > allowed:

@@ -106,7 +106,10 @@ def _check_parts(parts: list, role: str, where: str) -> None:
         kind = part["type"]
         if kind in ("text", "refusal") and not isinstance(part.get(kind), str):
             raise InvalidRequest(f"'{at}.{kind}' must be a string.", param=f"{at}.{kind}")
-        if kind == "image_url" and not isinstance((part.get("image_url") or {}).get("url"), str):
+        image = part.get("image_url")
+        if kind == "image_url" and not (
+            isinstance(image, dict) and isinstance(image.get("url"), str)
+        ):
             raise InvalidRequest(
                 f"'{at}.image_url.url' must be a string.", param=f"{at}.image_url.url"
             )

@@ -207,6 +207,7 @@ async def _relay(call: calls.Call, first, events: AsyncIterator) -> AsyncIterato
     """
     writer = calls.StreamWriter(call)
     deadline = call.started + settings.GATEWAY_MAX_CALL_SECONDS
+    upstream_done = False
     try:
         chunk = writer.event(first)
         if chunk:
@@ -221,13 +222,17 @@ async def _relay(call: calls.Call, first, events: AsyncIterator) -> AsyncIterato
                     UpstreamTimeout("The call ran past the longest time a call may take.")
                 )
                 return
+        # The answer is complete: a client that leaves during the last two events is not a
+        # cut-short call, and is billed what the usage chunk (if asked for) told it.
+        upstream_done = True
         if call.request.include_usage:
             yield writer.usage_chunk()
         yield calls.DONE
     except UpstreamFailed as error:
         yield sse_error_event(calls.upstream_failure(call, error))
     except asyncio.CancelledError:
-        call.end_reason = EndReason.CLIENT_GONE
+        if not upstream_done:
+            call.end_reason = EndReason.CLIENT_GONE
         raise
     finally:
         await asyncio.shield(_close_and_settle(call, events))
