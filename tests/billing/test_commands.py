@@ -80,5 +80,5 @@ def test_a_refused_command_exits_non_zero_with_a_clear_message(tmp_path):
         text=True,
         check=False,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2  # argparse: a bad argument is a usage error
     assert "no organization with slug 'ghost'" in result.stderr

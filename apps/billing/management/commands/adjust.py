@@ -3,11 +3,11 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from apps.billing.adjustments import AdjustmentError, AdjustmentKind, Direction, balance_adjust
-from apps.billing.money import MoneyError, format_usd, parse_usd
+from apps.billing.money import format_usd
 from apps.billing.selectors import available_nano_for_organization
 from apps.billing.services import InsufficientFunds
-from apps.tenancy.models import User
-from apps.tenancy.selectors import organization_get_by_slug
+from apps.tenancy.models import Organization, User
+from config.cli import organization, positive_usd
 
 
 class Command(BaseCommand):
@@ -17,8 +17,10 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--org", required=True, help="the organization's slug")
-        parser.add_argument("--amount", required=True, help="USD, e.g. 25.00")
+        parser.add_argument(
+            "--org", required=True, type=organization, help="the organization's slug"
+        )
+        parser.add_argument("--amount", required=True, type=positive_usd, help="USD, e.g. 25.00")
         parser.add_argument("--kind", required=True, choices=AdjustmentKind.values)
         parser.add_argument("--direction", required=True, choices=Direction.values)
         parser.add_argument("--reason", required=True, help="why: kept on the transfer")
@@ -27,28 +29,21 @@ class Command(BaseCommand):
     def handle(
         self,
         *args,
-        org: str,
-        amount: str,
+        org: Organization,
+        amount: int,
         kind: str,
         direction: str,
         reason: str,
         staff: str,
         **options,
     ) -> None:
-        organization = organization_get_by_slug(slug=org)
-        if organization is None:
-            raise CommandError(f"no organization with slug {org!r}")
-        try:
-            amount_nano = parse_usd(amount, allow_zero=False)
-        except MoneyError as exc:
-            raise CommandError(f"--amount: {exc}") from None
         staff_user = User.objects.filter(email__iexact=staff.strip()).first()
         if staff_user is None:
             raise CommandError(f"--staff: no user with email {staff!r}")
         try:
             transfer = balance_adjust(
-                organization=organization,
-                amount_nano=amount_nano,
+                organization=org,
+                amount_nano=amount,
                 direction=direction,
                 kind=kind,
                 reason=reason,
@@ -61,8 +56,6 @@ class Command(BaseCommand):
                 f"the balance affords {format_usd(exc.available_nano)} USD: a debit may not "
                 "take it below zero"
             ) from None
-        balance = available_nano_for_organization(organization=organization)
-        self.stdout.write(
-            f"{kind} {direction} {format_usd(amount_nano)} USD (transfer {transfer.pk})"
-        )
+        balance = available_nano_for_organization(organization=org)
+        self.stdout.write(f"{kind} {direction} {format_usd(amount)} USD (transfer {transfer.pk})")
         self.stdout.write(f"balance {format_usd(balance)} USD")

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from apps.billing.money import MoneyError, format_usd, parse_usd
+from apps.billing.money import format_usd
 from apps.catalog.services import CatalogError, price_set
+from config.cli import usd
 
 
 class Command(BaseCommand):
@@ -11,27 +12,21 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("model")
-        parser.add_argument("--input", required=True, help="USD per 1M input tokens")
-        parser.add_argument("--output", required=True, help="USD per 1M output tokens")
+        parser.add_argument("--input", required=True, type=usd, help="USD per 1M input tokens")
+        parser.add_argument("--output", required=True, type=usd, help="USD per 1M output tokens")
         parser.add_argument(
-            "--cached-input", help="USD per 1M cached input tokens (default: --input)"
+            "--cached-input", type=usd, help="USD per 1M cached input tokens (default: --input)"
         )
 
-    def handle(self, *args, model: str, **options) -> None:
-        rates = {}
-        for option in ("input", "output", "cached_input"):
-            if options[option] is None:
-                continue
-            try:
-                rates[option] = parse_usd(options[option])
-            except MoneyError as exc:
-                raise CommandError(f"--{option.replace('_', '-')}: {exc}") from None
+    def handle(
+        self, *args, model: str, input: int, output: int, cached_input: int | None, **options
+    ) -> None:
         try:
             price = price_set(
                 model_name=model,
-                input_nano_per_mtok=rates["input"],
-                output_nano_per_mtok=rates["output"],
-                cached_input_nano_per_mtok=rates.get("cached_input"),
+                input_nano_per_mtok=input,
+                output_nano_per_mtok=output,
+                cached_input_nano_per_mtok=cached_input,
             )
         except CatalogError as exc:
             raise CommandError(str(exc)) from None

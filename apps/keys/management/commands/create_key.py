@@ -5,10 +5,9 @@ from datetime import timedelta
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from apps.billing.money import MoneyError, parse_usd
 from apps.keys.models import BudgetPeriod
 from apps.keys.services import KeyPolicyError, key_create
-from apps.tenancy.selectors import organization_get_by_slug
+from config.cli import organization, usd
 
 
 def _csv(value: str | None) -> list[str]:
@@ -19,12 +18,14 @@ class Command(BaseCommand):
     help = "Create an API key for an organization; prints the full key once, last."
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument("--org", required=True, help="the organization's slug")
+        parser.add_argument(
+            "--org", required=True, type=organization, help="the organization's slug"
+        )
         parser.add_argument("--name", default="")
         parser.add_argument("--rpm", type=int, help="requests per minute")
         parser.add_argument("--tpm", type=int, help="tokens per minute")
         parser.add_argument("--models", help="allowed models, comma-separated (default: all)")
-        parser.add_argument("--budget", help="spending limit in USD, e.g. 25.00")
+        parser.add_argument("--budget", type=usd, help="spending limit in USD, e.g. 25.00")
         parser.add_argument(
             "--budget-period", choices=BudgetPeriod.values, default=BudgetPeriod.LIFETIME
         )
@@ -32,15 +33,7 @@ class Command(BaseCommand):
         parser.add_argument("--ips", help="allowed IP ranges, comma-separated CIDR")
 
     def handle(self, *args, **options) -> None:
-        org = organization_get_by_slug(slug=options["org"])
-        if org is None:
-            raise CommandError(f"no organization with slug {options['org']!r}")
-        budget_nano = None
-        if options["budget"] is not None:
-            try:
-                budget_nano = parse_usd(options["budget"])
-            except MoneyError as exc:
-                raise CommandError(f"--budget: {exc}") from None
+        org = options["org"]
         expires_at = None
         if options["expires_in"] is not None:
             if options["expires_in"] < 1:
@@ -53,7 +46,7 @@ class Command(BaseCommand):
                 allowed_models=_csv(options["models"]),
                 rpm=options["rpm"],
                 tpm=options["tpm"],
-                budget_nano=budget_nano,
+                budget_nano=options["budget"],
                 budget_period=options["budget_period"],
                 expires_at=expires_at,
                 allowed_ips=_csv(options["ips"]),
