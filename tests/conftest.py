@@ -118,18 +118,20 @@ def run_command(db):
 
 @pytest.fixture(autouse=True)
 def _forget_process_memos():
-    """Per-process memos (system accounts, routes, key grants) outlive a test's rolled-back
+    """Per-process memos (system accounts, routes, key grants, key use) outlive a test's rolled-back
     rows; start every test without them."""
     from django.core.cache import cache
 
     from apps.billing.services import system_accounts_forget
     from apps.catalog.selectors import routes_forget
     from apps.keys.selectors import grants_forget
+    from apps.usage.services import key_use_forget
 
-    for forget in (system_accounts_forget, routes_forget, grants_forget):
+    memos = (system_accounts_forget, routes_forget, grants_forget, key_use_forget)
+    for forget in memos:
         forget()
     yield
-    for forget in (system_accounts_forget, routes_forget, grants_forget):
+    for forget in memos:
         forget()
     if not django_settings.REDIS_URL:  # Redis keeps per-worker keys; see pytest_configure
         cache.clear()
