@@ -19,6 +19,14 @@ from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 
 
 class ApiHandler(ASGIHandler):
+    async def __call__(self, scope, receive, send) -> None:
+        # Django runs each request in a ThreadSensitiveContext, which starts a thread of the
+        # request's own for its synchronous steps: a thread per open stream. The API runs
+        # its database steps in the shared worker threads instead (config/asyncdb.py); the
+        # few brief steps left to Django (request signals, closing the response) run on
+        # the process's one thread for synchronous code.
+        await self.handle(scope, receive, send)
+
     def load_middleware(self, is_async: bool = False) -> None:
         # BaseHandler builds its chain from settings.MIDDLEWARE; build this one from the
         # API's list instead, once, at start-up.

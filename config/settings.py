@@ -151,6 +151,12 @@ if not DATABASE_URL:
     SILENCED_SYSTEM_CHECKS = ["models.W047"]
 
 # --- Cache ----------------------------------------------------------------------------
+# Connections per process to Redis, for each of its pools (the cache's, the limiter's):
+# redis-py's default of 100 runs dry under a few hundred concurrent calls, and then every
+# limit check would fail open.
+REDIS_MAX_CONNECTIONS = env_int("REDIS_MAX_CONNECTIONS", 2000)
+# Names in a Redis shared with others (tests give each parallel worker its own).
+CACHE_KEY_PREFIX = env_str("CACHE_KEY_PREFIX", "real200")
 if REDIS_URL:
     CACHES = {
         "default": {
@@ -159,13 +165,9 @@ if REDIS_URL:
             "OPTIONS": {
                 "SOCKET_CONNECT_TIMEOUT": 1,
                 "SOCKET_TIMEOUT": 1,
-                # redis-py's default pool of 100 runs dry under a few hundred concurrent
-                # calls, and then every limit check would fail open.
-                "CONNECTION_POOL_KWARGS": {
-                    "max_connections": env_int("REDIS_MAX_CONNECTIONS", 2000)
-                },
+                "CONNECTION_POOL_KWARGS": {"max_connections": REDIS_MAX_CONNECTIONS},
             },
-            "KEY_PREFIX": env_str("CACHE_KEY_PREFIX", "real200"),
+            "KEY_PREFIX": CACHE_KEY_PREFIX,
         }
     }
 else:

@@ -118,16 +118,17 @@ def run_command(db):
 
 @pytest.fixture(autouse=True)
 def _forget_process_memos():
-    """Per-process memos (system accounts, routes, key grants, key use) outlive a test's rolled-back
-    rows; start every test without them."""
+    """Per-process memos (system accounts, routes, key grants, key use, rate counters)
+    outlive a test's rolled-back rows; start every test without them."""
     from django.core.cache import cache
 
     from apps.billing.services import system_accounts_forget
     from apps.catalog.selectors import routes_forget
+    from apps.keys.limits import counters_forget
     from apps.keys.selectors import grants_forget
     from apps.usage.services import key_use_forget
 
-    memos = (system_accounts_forget, routes_forget, grants_forget, key_use_forget)
+    memos = (system_accounts_forget, routes_forget, grants_forget, key_use_forget, counters_forget)
     for forget in memos:
         forget()
     yield

@@ -6,9 +6,8 @@ import random
 import time
 from dataclasses import dataclass
 
-from asgiref.sync import sync_to_async
-
 from apps.catalog.models import ChannelModel, LanguageModel, Price
+from config.asyncdb import db_step
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +108,7 @@ async def route_for_model(name: str) -> Route | None:
     memo = _routes.get(name)
     if memo is not None and memo[0] > now:
         return memo[1]
-    route = await sync_to_async(_load_route)(name)
+    route = await db_step(_load_route, name)
     if len(_routes) > 10_000:
         _routes.clear()
     _routes[name] = (now + ROUTE_TTL, route)

@@ -21,13 +21,12 @@ import httpx
 import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import DatabaseError
 from django.utils import timezone
 
 from apps.billing.models import Hold
 from apps.billing.money import format_usd
 from apps.billing.services import (
-    CallNotAffordable,
     CallQuote,
     InsufficientFunds,
     KeyBudget,
@@ -73,9 +72,10 @@ from apps.keys.limits import (
     tokens_reserve,
 )
 from apps.keys.selectors import KeyGrant
-from apps.usage.models import EndReason, UsageRecord, UsageSource
+from apps.usage.models import EndReason, UsageSource
 from apps.usage.services import CallOutcome, call_settle
 from apps.usage.tasks import settle_call
+from config.asyncdb import db_step
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +88,6 @@ _OFF_LOOP_PROMPT_CHARS = 20_000
 
 def new_call_id() -> str:
     return "chatcmpl-" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(29))
-
-
-def _release_connection() -> None:
-    """Give the database connection back to the pool before the upstream is awaited, so a
-    slow upstream never holds one (inside a test's transaction there is nothing to give)."""
-    if not connection.in_atomic_block:
-        connection.close()
 
 
 @dataclass
@@ -183,28 +176,14 @@ async def estimate_prompt_tokens(request: ValidRequest) -> int:
     )
 
 
-def _reserve_and_hold(
-    grant: KeyGrant, admission: Admission, call_id: str, quote: CallQuote
-) -> tuple[Admission, Hold, int]:
-    """Reserve the call's tokens per minute, then its worst-case cost, in one worker-thread
-    hop. A call refused for money gives its tokens back."""
-    reserved = tokens_reserve(grant, admission, quote.worst_case_tokens)
-    try:
-        hold, max_tokens = hold_place_for_call(
-            account_id=account_id_for_organization(organization_id=grant.organization_id),
-            key=KeyBudget(
-                key_id=grant.id, budget_nano=grant.budget_nano, period=grant.budget_period
-            ),
-            request_id=call_id,
-            expires_at=timezone.now() + timedelta(seconds=settings.GATEWAY_HOLD_SECONDS),
-            quote=quote,
-        )
-    except (InsufficientFunds, DatabaseError):
-        tokens_correct(reserved, 0)
-        raise
-    finally:
-        _release_connection()
-    return reserved, hold, max_tokens
+def _hold(grant: KeyGrant, call_id: str, quote: CallQuote) -> tuple[Hold, int]:
+    return hold_place_for_call(
+        account_id=account_id_for_organization(organization_id=grant.organization_id),
+        key=KeyBudget(key_id=grant.id, budget_nano=grant.budget_nano, period=grant.budget_period),
+        request_id=call_id,
+        expires_at=timezone.now() + timedelta(seconds=settings.GATEWAY_HOLD_SECONDS),
+        quote=quote,
+    )
 
 
 def rate_limited(exceeded: LimitExceeded) -> RateLimited:
@@ -214,10 +193,10 @@ def rate_limited(exceeded: LimitExceeded) -> RateLimited:
     )
 
 
-async def admit_request(request: Any, grant: KeyGrant) -> Admission:
+async def admit_request(grant: KeyGrant) -> Admission:
     """Count the request against the key's and the organization's requests per minute."""
     try:
-        return await sync_to_async(requests_admit)(request, grant)
+        return await requests_admit(grant)
     except LimitExceeded as exceeded:
         raise rate_limited(exceeded) from None
 
@@ -283,22 +262,26 @@ async def open_call(
         min_reply_tokens=settings.GATEWAY_MIN_REPLY_TOKENS,
     )
     try:
-        admission, hold, max_tokens = await sync_to_async(_reserve_and_hold)(
-            grant, admission, call_id, quote
-        )
+        admission = await tokens_reserve(grant, admission, quote.worst_case_tokens)
     except LimitExceeded as exceeded:
         raise rate_limited(exceeded) from None
-    except DatabaseError:
-        # Overload (the pool had no connection to give in time) or a database blip before
-        # anything was held or sent: the customer may simply retry.
-        logger.exception("call %s: the database did not answer in time", call_id)
-        raise ServiceBusy(
-            "real200 is busy right now; nothing was charged. Please retry in a moment.",
-            headers={"Retry-After": "1"},
-        ) from None
-    except (CallNotAffordable, InsufficientFunds) as refusal:
-        metrics.REFUSED_FOR_QUOTA.labels(model=request.model).inc()
-        raise _quota_error(refusal, quote) from None
+    try:
+        hold, max_tokens = await db_step(_hold, grant, call_id, quote)
+    except BaseException as failure:
+        # Refused, failed or cancelled: nothing is held, and the call gives its tokens back.
+        await asyncio.shield(tokens_correct(admission, 0))
+        if isinstance(failure, InsufficientFunds):  # CallNotAffordable included
+            metrics.REFUSED_FOR_QUOTA.labels(model=request.model).inc()
+            raise _quota_error(failure, quote) from None
+        if isinstance(failure, DatabaseError):
+            # Overload (the pool had no connection to give in time) or a database blip
+            # before anything was held or sent: the customer may simply retry.
+            logger.exception("call %s: the database did not answer in time", call_id)
+            raise ServiceBusy(
+                "real200 is busy right now; nothing was charged. Please retry in a moment.",
+                headers={"Retry-After": "1"},
+            ) from None
+        raise
     return Call(
         id=call_id,
         grant=grant,
@@ -594,14 +577,6 @@ def _outcome(call: Call, usage: Usage) -> CallOutcome:
     )
 
 
-def _settle_sync(call: Call, outcome: CallOutcome) -> UsageRecord | None:
-    tokens_correct(call.admission, outcome.prompt_tokens + outcome.completion_tokens)
-    try:
-        return call_settle(hold=call.hold, outcome=outcome, rates=call.route.price)
-    finally:
-        _release_connection()
-
-
 async def settle(call: Call) -> None:
     """Settle exactly once, whatever happened. Shielded by the callers, so a client that
     disconnects cannot cancel it halfway."""
@@ -610,8 +585,9 @@ async def settle(call: Call) -> None:
     call.settled = True
     usage = billed_usage(call)
     outcome = _outcome(call, usage)
+    await tokens_correct(call.admission, outcome.prompt_tokens + outcome.completion_tokens)
     try:
-        record = await sync_to_async(_settle_sync)(call, outcome)
+        record = await db_step(call_settle, hold=call.hold, outcome=outcome, rates=call.route.price)
     except Exception:
         logger.exception("call %s: settlement failed; a task will finish it", call.id)
         await _settle_later(call, outcome)
@@ -623,7 +599,9 @@ async def _settle_later(call: Call, outcome: CallOutcome) -> None:
     """Hand the metered outcome to the books worker: the hold (written before the upstream
     was called) stays open until the task settles it, exactly once."""
     try:
-        await sync_to_async(settle_call.delay)(call.hold.pk, asdict(outcome))
+        await sync_to_async(settle_call.delay, thread_sensitive=False)(
+            call.hold.pk, asdict(outcome)
+        )
     except Exception:
         # Neither the database nor the broker took it: the hold will expire and be
         # released, and this call goes unbilled. Say so loudly.
@@ -640,4 +618,4 @@ def _models_for_key(grant: KeyGrant) -> list[dict[str, Any]]:
 
 async def models_for_key(grant: KeyGrant) -> list[dict[str, Any]]:
     """The models this key may call, in OpenAI's model shape."""
-    return await sync_to_async(_models_for_key)(grant)
+    return await db_step(_models_for_key, grant)

@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,18 @@ def encoding_ready(model: str) -> bool:
     return encoding_name_for_model(model) in _loaded
 
 
+_loading = threading.Lock()
+
+
 @functools.cache
 def get_encoding(name: str) -> tiktoken.Encoding:
+    # functools.cache does not stop two threads from missing at once and writing the same
+    # file: the lock queues the second, which then finds the file and tiktoken's encoding.
+    with _loading:
+        return _load_encoding(name)
+
+
+def _load_encoding(name: str) -> tiktoken.Encoding:
     cache_dir = Path(os.environ.get("TIKTOKEN_CACHE_DIR") or _DEFAULT_CACHE_DIR)
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache_dir)
     url = _DOWNLOAD_URL.format(name=name)
@@ -68,9 +79,10 @@ def get_encoding(name: str) -> tiktoken.Encoding:
     if not cached.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         # Write aside and rename, so a concurrent process never reads half a file.
-        partial = cached.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_bytes(gzip.decompress((_VOCABULARIES / f"{name}.tiktoken.gz").read_bytes()))
-        partial.replace(cached)
+        vocabulary = gzip.decompress((_VOCABULARIES / f"{name}.tiktoken.gz").read_bytes())
+        with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False) as partial:
+            partial.write(vocabulary)
+        os.replace(partial.name, cached)
     encoding = tiktoken.get_encoding(name)
     _loaded.add(name)
     return encoding

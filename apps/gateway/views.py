@@ -115,7 +115,7 @@ class ChatCompletionsView(OpenAIView):
         try:
             raw = _read_body(request._request)
             grant = await authenticate(request._request)
-            admission = await calls.admit_request(request._request, grant)
+            admission = await calls.admit_request(grant)
             self.rate_headers = admission.headers()
             valid = validate_chat_request(_parse_json(raw))
             model = valid.model

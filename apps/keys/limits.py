@@ -1,25 +1,27 @@
-"""Requests and tokens per minute, counted in the shared cache so that every process of
-every server sees the same counts.
+"""Requests and tokens per minute, counted in Redis so that every process of every
+server sees the same counts.
 
-Requests per minute (per key, and per organization) are django-ratelimit's fixed windows.
-Tokens per minute are a counter per key and minute that a call reserves from (its prompt
-and the output it may produce) and that settlement corrects to what it really used.
+Each limit is a fixed window of one clock minute: a counter per key (or organization) and
+minute. Requests per minute count every request; tokens per minute are reserved by a call
+(its prompt and the output it may produce) only if they fit, and settlement corrects the
+reservation to what the call really used. Every check is one Lua script, so admitting a
+request is one round trip on the event loop and atomic however many processes race.
 
-If the cache (Redis) is down, limits fail open: the API keeps serving, each failure is
-logged and counted in /metrics, and billing still holds, because holds live in the
-database.
+Without Redis (the embedded default: one process) the same counters live in the process.
+If Redis is down, limits fail open: the API keeps serving, each failure is logged and
+counted in /metrics, and billing still holds, because holds live in the database.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
 from django.conf import settings
-from django.core.cache import cache
-from django_ratelimit.core import get_usage
 from prometheus_client import Counter
 
 from apps.keys.selectors import KeyGrant
@@ -84,120 +86,194 @@ def _fail_open(what: str, error: Exception) -> None:
     logger.error("rate limiter unavailable (%s), failing open: %s", what, error)
 
 
+# Adds each amount to its counter and answers the counts, in one atomic step.
+# KEYS: the counters. ARGV[1]: the seconds a new counter lives; then, per counter, the
+# amount and the limit. With a limit (>= 0), an amount that would pass it is not added;
+# -1 counts whatever the limit. An amount of 0 or less only changes a counter that
+# exists: a read, or a correction of a window that has not ended.
+# Answers, per counter, the count after and 1 if the amount was added (else 0).
+_COUNT_SCRIPT = """
+local answer = {}
+for i, key in ipairs(KEYS) do
+    local amount = tonumber(ARGV[2 * i])
+    local limit = tonumber(ARGV[2 * i + 1])
+    local count = tonumber(redis.call('GET', key) or '0')
+    local added = 0
+    if amount > 0 and (limit < 0 or count + amount <= limit) then
+        count = redis.call('INCRBY', key, amount)
+        if count == amount then redis.call('EXPIRE', key, ARGV[1]) end
+        added = 1
+    elseif amount < 0 and redis.call('EXISTS', key) == 1 then
+        count = redis.call('INCRBY', key, amount)
+        added = 1
+    end
+    answer[#answer + 1] = count
+    answer[#answer + 1] = added
+end
+return answer
+"""
+
+# A counter lives a little past its minute, so a late correction still finds it.
+_COUNTER_SECONDS = WINDOW_SECONDS + 5
+ALWAYS = -1  # the limit of a counter that counts past its limit
+
+
+class _RedisCounters:
+    """The counters in Redis: one client (and connection pool) per event loop."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+
+    def _client(self) -> aioredis.Redis:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            for stale in [old for old in self._clients if old.is_closed()]:
+                del self._clients[stale]
+            client = self._clients[loop] = aioredis.Redis.from_url(
+                self._url,
+                socket_timeout=1,
+                socket_connect_timeout=1,
+                max_connections=settings.REDIS_MAX_CONNECTIONS,
+            )
+            client.count = client.register_script(_COUNT_SCRIPT)
+        return client
+
+    async def add(self, changes: list[tuple[str, int, int]]) -> list[tuple[int, bool]]:
+        args: list[int] = [_COUNTER_SECONDS]
+        for _key, amount, limit in changes:
+            args += [amount, limit]
+        flat = await self._client().count(keys=[key for key, _a, _l in changes], args=args)
+        return [(int(flat[i]), bool(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+class _LocalCounters:
+    """The same counters in this process, for the embedded default (one process, no Redis)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, tuple[int, float]] = {}  # key -> (count, expires)
+
+    async def add(self, changes: list[tuple[str, int, int]]) -> list[tuple[int, bool]]:
+        now = time.monotonic()
+        if len(self._counts) > 10_000:
+            self._counts = {k: v for k, v in self._counts.items() if v[1] > now}
+        answer = []
+        for key, amount, limit in changes:
+            count, expires = self._counts.get(key, (0, 0.0))
+            exists = expires > now
+            count = count if exists else 0
+            added = False
+            if amount > 0 and (limit < 0 or count + amount <= limit):
+                expires = expires if exists else now + _COUNTER_SECONDS
+                count, added = count + amount, True
+            elif amount < 0 and exists:
+                count, added = count + amount, True
+            if added:
+                self._counts[key] = (count, expires)
+            answer.append((count, added))
+        return answer
+
+
+_counters: _RedisCounters | _LocalCounters | None = None
+
+
+def counters() -> _RedisCounters | _LocalCounters:
+    global _counters
+    if _counters is None:
+        _counters = _RedisCounters(settings.REDIS_URL) if settings.REDIS_URL else _LocalCounters()
+    return _counters
+
+
+def counters_forget() -> None:
+    """Start from fresh counters (tests: settings change, and each test its own counts)."""
+    global _counters
+    _counters = None
+
+
+def _window(now: float) -> tuple[int, float]:
+    """The current minute's number and the seconds left in it."""
+    window = int(now // WINDOW_SECONDS)
+    return window, (window + 1) * WINDOW_SECONDS - now
+
+
+def _counter(kind: str, owner: int, window: int) -> str:
+    return f"{settings.CACHE_KEY_PREFIX}:{kind}:{owner}:{window}"
+
+
 def _tpm(grant: KeyGrant) -> int:
     return grant.tpm or settings.KEY_DEFAULT_TPM
 
 
-def _tokens_key(grant: KeyGrant, now: float) -> tuple[str, float]:
-    window = int(now // WINDOW_SECONDS)
-    return f"tpm:{grant.id}:{window}", (window + 1) * WINDOW_SECONDS - now
-
-
-def _requests_window(request, grant: KeyGrant) -> Window | None:
-    """Count this request against the key's and the organization's limit; the tighter
-    one is what the headers show."""
-    limits = [("key", str(grant.id), grant.rpm), ("org", str(grant.organization_id), grant.org_rpm)]
+async def requests_admit(grant: KeyGrant) -> Admission:
+    """Count one request (per key and per organization) and read the key's token count,
+    in one round trip. Raises LimitExceeded (429) when a requests limit is reached."""
+    now = time.time()
+    window, reset = _window(now)
+    limits = [(grant.rpm, _counter("rpm-key", grant.id, window))]
+    if grant.org_rpm:
+        limits.append((grant.org_rpm, _counter("rpm-org", grant.organization_id, window)))
+    limits = [(rpm, key) for rpm, key in limits if rpm]
+    changes = [(key, 1, ALWAYS) for _rpm, key in limits]
+    changes.append((_counter("tpm", grant.id, window), 0, ALWAYS))
+    try:
+        *requests, (tokens_used, _read) = await counters().add(changes)
+    except Exception as error:  # Redis is down: serve anyway
+        _fail_open("requests", error)
+        return Admission(requests=None, tokens=None)
     tightest: Window | None = None
     exceeded: Window | None = None
-    for group, value, rpm in limits:
-        if not rpm:
-            continue
-        usage = get_usage(
-            request,
-            group=f"rpm-{group}",
-            key=lambda _group, _request, value=value: value,
-            rate=f"{rpm}/m",
-            increment=True,
-        )
-        if usage is None:
-            continue
-        window = Window(
-            limit=usage["limit"],
-            remaining=usage["limit"] - usage["count"],
-            reset_seconds=max(usage["time_left"], 0),
-        )
-        if usage["should_limit"] and exceeded is None:
-            exceeded = window
-        if tightest is None or window.remaining < tightest.remaining:
-            tightest = window
+    for (rpm, _key), (count, _added) in zip(limits, requests, strict=True):
+        window_left = Window(limit=rpm, remaining=rpm - count, reset_seconds=reset)
+        if count > rpm and exceeded is None:
+            exceeded = window_left
+        if tightest is None or window_left.remaining < tightest.remaining:
+            tightest = window_left
     if exceeded is not None:
         raise LimitExceeded(
             f"Rate limit reached: {exceeded.limit} requests per minute.",
             Admission(requests=exceeded, tokens=None),
             exceeded.retry_after,
         )
-    return tightest
-
-
-def _tokens_window(grant: KeyGrant, used: int, now: float) -> Window:
-    _key, reset = _tokens_key(grant, now)
     limit = _tpm(grant)
-    return Window(limit=limit, remaining=limit - used, reset_seconds=reset)
+    tokens = Window(limit=limit, remaining=limit - tokens_used, reset_seconds=reset)
+    return Admission(requests=tightest, tokens=tokens)
 
 
-def requests_admit(request, grant: KeyGrant) -> Admission:
-    """Count one request (per key and per organization) and read the key's token count.
-    Raises LimitExceeded (429) when a requests limit is reached."""
-    now = time.time()
-    try:
-        requests = _requests_window(request, grant)
-        used = cache.get(_tokens_key(grant, now)[0], 0)
-    except LimitExceeded:
-        raise
-    except Exception as error:  # the cache is down: serve anyway
-        _fail_open("requests", error)
-        return Admission(requests=None, tokens=None)
-    return Admission(requests=requests, tokens=_tokens_window(grant, used, now))
-
-
-def tokens_reserve(grant: KeyGrant, admission: Admission, tokens: int) -> Admission:
-    """Reserve `tokens` from the key's tokens per minute, or raise LimitExceeded.
-
-    Incremented first and taken back if over, so two calls racing for the last tokens can
-    both be refused but never both admitted.
-    """
-    now = time.time()
-    key, _reset = _tokens_key(grant, now)
+async def tokens_reserve(grant: KeyGrant, admission: Admission, tokens: int) -> Admission:
+    """Reserve `tokens` from the key's tokens per minute, or raise LimitExceeded. The
+    check and the reservation are one step, so two calls racing for the last tokens
+    cannot both be admitted."""
+    window, reset = _window(time.time())
+    key = _counter("tpm", grant.id, window)
     limit = _tpm(grant)
     try:
-        cache.add(key, 0, WINDOW_SECONDS + 5)
-        used = cache.incr(key, tokens)
-        if used > limit:
-            cache.decr(key, tokens)
-            window = _tokens_window(grant, used - tokens, now)
-            refused = Admission(requests=admission.requests, tokens=window)
-            raise LimitExceeded(
-                f"Rate limit reached: {limit} tokens per minute; this call needs up to "
-                f"{tokens}. Lower max_tokens or retry later.",
-                refused,
-                window.retry_after,
-            )
-    except LimitExceeded:
-        raise
+        [(used, reserved)] = await counters().add([(key, tokens, limit)])
     except Exception as error:
         _fail_open("tokens", error)
         return admission
+    left = Window(limit=limit, remaining=limit - used, reset_seconds=reset)
+    if not reserved and tokens > 0:
+        raise LimitExceeded(
+            f"Rate limit reached: {limit} tokens per minute; this call needs up to "
+            f"{tokens}. Lower max_tokens or retry later.",
+            Admission(requests=admission.requests, tokens=left),
+            left.retry_after,
+        )
     return Admission(
-        requests=admission.requests,
-        tokens=_tokens_window(grant, used, now),
-        tokens_key=key,
-        reserved_tokens=tokens,
+        requests=admission.requests, tokens=left, tokens_key=key, reserved_tokens=tokens
     )
 
 
-def tokens_correct(admission: Admission, used_tokens: int) -> None:
-    """After the call: give back what was reserved and not used (or add what was)."""
+async def tokens_correct(admission: Admission, used_tokens: int) -> None:
+    """After the call: give back what was reserved and not used (or add what was), in
+    the window the call reserved from, if it has not ended."""
     if admission.tokens_key is None:
         return
     delta = used_tokens - admission.reserved_tokens
     if not delta:
         return
     try:
-        if delta > 0:
-            cache.incr(admission.tokens_key, delta)
-        else:
-            cache.decr(admission.tokens_key, -delta)
-    except ValueError:
-        pass  # the window has expired meanwhile: nothing left to correct
+        await counters().add([(admission.tokens_key, delta, ALWAYS)])
     except Exception as error:
         _fail_open("tokens correction", error)

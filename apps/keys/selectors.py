@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
 from django.db.models import QuerySet
@@ -16,6 +15,7 @@ from django.http import Http404
 
 from apps.keys.models import KEY_PREFIX, KEY_RANDOM_LENGTH, ApiKey, hash_key, ip_in_ranges
 from apps.tenancy.models import Organization
+from config.asyncdb import db_step
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ async def key_authenticate(clear_key: str) -> KeyGrant | None:
     else:
         cache_up = True
     if cached is None:
-        grant = await sync_to_async(_grant_from_db)(key_hash)
+        grant = await db_step(_grant_from_db, key_hash)
         if cache_up:
             await cache.aset(grant_cache_key(key_hash), grant or _MISSING, SHARED_TTL)
     else:

@@ -12,7 +12,6 @@ import httpx
 import pytest
 import time_machine
 from django.utils import timezone
-from django_ratelimit.core import _get_window
 
 from apps.billing.models import Transfer
 from apps.billing.money import parse_usd
@@ -104,10 +103,10 @@ async def _burst(url: str, key: str, count: int) -> list[httpx.Response]:
         )
 
 
-def _away_from_a_window_edge(key_id: int, margin: float = 10.0) -> None:
-    """Requests per minute are fixed windows (django-ratelimit's, offset per key): a burst
-    that straddled two windows would rightly get ten through. Start it well inside one."""
-    left = _get_window(str(key_id), 60) - time.time()
+def _away_from_a_window_edge(margin: float = 10.0) -> None:
+    """Limits are fixed windows of one clock minute: a burst that straddled two windows
+    would rightly get ten through. Start it well inside one."""
+    left = 60 - time.time() % 60
     if left < margin:
         time.sleep(left + 0.5)  # waiting for the clock itself, not for a condition
 
@@ -118,7 +117,7 @@ def _away_from_a_window_edge(key_id: int, margin: float = 10.0) -> None:
 def test_a_key_at_5_rpm_gets_exactly_5_of_20_across_two_processes(fake_upstream):
     _org, key = _setup_org(fake_upstream, rpm=5)
     with real200_server(workers=2, env=_server_env()) as server:
-        _away_from_a_window_edge(ApiKey.objects.get(key_hash=hash_key(key)).pk)
+        _away_from_a_window_edge()
         answers = asyncio.run(_burst(server.url, key, 20))
         after = httpx.post(
             f"{server.url}/v1/chat/completions",
@@ -153,9 +152,7 @@ def test_tokens_per_minute_stop_a_key_and_headers_show_them(fake_upstream):
     _org, key = _setup_org(fake_upstream, tpm=40)
     headers = {"Authorization": f"Bearer {key}"}
     with real200_server(workers=2, env=_server_env()) as server:
-        left = 60 - time.time() % 60  # token windows are whole clock minutes
-        if left < 10:
-            time.sleep(left + 0.5)
+        _away_from_a_window_edge()
         answers = [
             httpx.post(f"{server.url}/v1/chat/completions", json=BODY, headers=headers, timeout=30)
             for _ in range(4)
