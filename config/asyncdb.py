@@ -10,7 +10,8 @@ thread nor a connection is kept while an upstream answers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -35,3 +36,30 @@ def _released(func: Callable[P, T]) -> Callable[P, T]:
 async def db_step(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     """Run `func(*args, **kwargs)` in a shared worker thread and return its result."""
     return await sync_to_async(_released(func), thread_sensitive=False)(*args, **kwargs)
+
+
+class SingleFlight:
+    """Concurrent callers asking for the same key share one lookup.
+
+    A per-process memo that expires (a route, a key's grant) would otherwise be looked up
+    by every request in flight at the moment it expires: hundreds of identical queries at
+    once under load. The lookup runs as its own task, so a caller that is cancelled (its
+    client left) does not cancel it for the others.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    async def run(self, key: str, lookup: Callable[[], Awaitable[T]]) -> T:
+        task = self._tasks.get(key)
+        if task is None or task.get_loop() is not asyncio.get_running_loop():
+            task = self._tasks[key] = asyncio.ensure_future(lookup())
+            task.add_done_callback(lambda done: self._done(key, done))
+        return await asyncio.shield(task)
+
+    def _done(self, key: str, task: asyncio.Task) -> None:
+        if self._tasks.get(key) is task:
+            del self._tasks[key]
+
+    def forget(self) -> None:
+        self._tasks.clear()

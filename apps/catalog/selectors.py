@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from apps.catalog.models import ChannelModel, LanguageModel, Price
-from config.asyncdb import db_step
+from config.asyncdb import SingleFlight, db_step
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,23 +101,28 @@ def _load_route(name: str) -> Route | None:
 # so a new price or a disabled channel takes effect everywhere within ROUTE_TTL.
 ROUTE_TTL = 5.0
 _routes: dict[str, tuple[float, Route | None]] = {}
+_route_loads = SingleFlight()
 
 
 async def route_for_model(name: str) -> Route | None:
-    now = time.monotonic()
     memo = _routes.get(name)
-    if memo is not None and memo[0] > now:
+    if memo is not None and memo[0] > time.monotonic():
         return memo[1]
+    return await _route_loads.run(name, lambda: _route_remembered(name))
+
+
+async def _route_remembered(name: str) -> Route | None:
     route = await db_step(_load_route, name)
     if len(_routes) > 10_000:
         _routes.clear()
-    _routes[name] = (now + ROUTE_TTL, route)
+    _routes[name] = (time.monotonic() + ROUTE_TTL, route)
     return route
 
 
 def routes_forget() -> None:
     """Drop this process's routes (tests, and right after an operator's change)."""
     _routes.clear()
+    _route_loads.forget()
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from django.http import Http404
 
 from apps.keys.models import KEY_PREFIX, KEY_RANDOM_LENGTH, ApiKey, hash_key, ip_in_ranges
 from apps.tenancy.models import Organization
-from config.asyncdb import db_step
+from config.asyncdb import SingleFlight, db_step
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ SHARED_TTL = 60
 LOCAL_TTL = 1.0
 _MISSING = "missing"
 _local: dict[str, tuple[float, KeyGrant | None]] = {}
+_lookups = SingleFlight()
 
 
 def grant_cache_key(key_hash: str) -> str:
@@ -130,29 +131,35 @@ async def key_authenticate(clear_key: str) -> KeyGrant | None:
     if not KEY_SHAPE.match(clear_key):
         return None
     key_hash = hash_key(clear_key)
-    now = time.monotonic()
     memo = _local.get(key_hash)
-    if memo is not None and memo[0] > now:
+    if memo is not None and memo[0] > time.monotonic():
         return memo[1]
+    return await _lookups.run(key_hash, lambda: _grant_remembered(key_hash))
+
+
+async def _grant_remembered(key_hash: str) -> KeyGrant | None:
+    grant = await _grant_shared(key_hash)
+    if len(_local) > 10_000:  # bound the memo; a flood of distinct bad keys cannot grow it
+        _local.clear()
+    _local[key_hash] = (time.monotonic() + LOCAL_TTL, grant)
+    return grant
+
+
+async def _grant_shared(key_hash: str) -> KeyGrant | None:
+    """The grant from the shared cache, or from the database into the shared cache."""
     try:
         cached = await cache.aget(grant_cache_key(key_hash))
     except Exception as error:  # the shared cache is down: ask the database
         logger.error("key cache unavailable, reading the database: %s", error)
-        cached, cache_up = None, False
-    else:
-        cache_up = True
-    if cached is None:
-        grant = await db_step(_grant_from_db, key_hash)
-        if cache_up:
-            await cache.aset(grant_cache_key(key_hash), grant or _MISSING, SHARED_TTL)
-    else:
-        grant = None if cached == _MISSING else cached
-    if len(_local) > 10_000:  # bound the memo; a flood of distinct bad keys cannot grow it
-        _local.clear()
-    _local[key_hash] = (now + LOCAL_TTL, grant)
+        return await db_step(_grant_from_db, key_hash)
+    if cached is not None:
+        return None if cached == _MISSING else cached
+    grant = await db_step(_grant_from_db, key_hash)
+    await cache.aset(grant_cache_key(key_hash), grant or _MISSING, SHARED_TTL)
     return grant
 
 
 def grants_forget() -> None:
     """Drop this process's memo of key grants (tests)."""
     _local.clear()
+    _lookups.forget()
