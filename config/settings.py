@@ -257,7 +257,6 @@ GATEWAY_HOLD_SECONDS = GATEWAY_MAX_CALL_SECONDS + 300
 # least this many output tokens.
 GATEWAY_MIN_REPLY_TOKENS = env_int("GATEWAY_MIN_REPLY_TOKENS", 16)
 GATEWAY_UPSTREAM_CONNECTIONS = env_int("GATEWAY_UPSTREAM_CONNECTIONS", 2000)
-GATEWAY_UPSTREAM_KEEPALIVE = env_int("GATEWAY_UPSTREAM_KEEPALIVE", 200)
 # Rate limits: every organization's keys together may make ORG_DEFAULT_RPM requests a
 # minute unless the organization has its own limit; a key without its own tokens-per-minute
 # limit is counted against KEY_DEFAULT_TPM.

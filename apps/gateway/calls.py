@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -298,24 +298,30 @@ async def open_call(
 
 # --- Upstream ----------------------------------------------------------------------------
 
-_clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+_clients: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 
 
-def upstream_client() -> httpx.AsyncClient:
+def upstream_client() -> aiohttp.ClientSession:
     """One pooled client per event loop (one per worker process in production)."""
     loop = asyncio.get_running_loop()
     client = _clients.get(loop)
     if client is None:
         for stale in [old for old in _clients if old.is_closed()]:
             del _clients[stale]
-        client = _clients[loop] = httpx.AsyncClient(
-            limits=httpx.Limits(
-                max_connections=settings.GATEWAY_UPSTREAM_CONNECTIONS,
-                max_keepalive_connections=settings.GATEWAY_UPSTREAM_KEEPALIVE,
+        client = _clients[loop] = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=settings.GATEWAY_UPSTREAM_CONNECTIONS, limit_per_host=0
             ),
-            follow_redirects=False,
+            trust_env=False,  # upstreams are called directly, never through an env proxy
         )
     return client
+
+
+async def upstream_clients_close() -> None:
+    """Close this event loop's upstream client (at the server's shutdown)."""
+    client = _clients.pop(asyncio.get_running_loop(), None)
+    if client is not None:
+        await client.close()
 
 
 def _all_failed(errors: list[UpstreamError], model: str) -> GatewayError:
@@ -585,11 +591,15 @@ async def settle(call: Call) -> None:
     call.settled = True
     usage = billed_usage(call)
     outcome = _outcome(call, usage)
-    await tokens_correct(call.admission, outcome.prompt_tokens + outcome.completion_tokens)
-    try:
-        record = await db_step(call_settle, hold=call.hold, outcome=outcome, rates=call.route.price)
-    except Exception:
-        logger.exception("call %s: settlement failed; a task will finish it", call.id)
+    # The rate limiter's correction (Redis) and the books (PostgreSQL) are independent:
+    # both at once, so the call waits for the slower only.
+    _corrected, record = await asyncio.gather(
+        tokens_correct(call.admission, outcome.prompt_tokens + outcome.completion_tokens),
+        db_step(call_settle, hold=call.hold, outcome=outcome, rates=call.route.price),
+        return_exceptions=True,
+    )
+    if isinstance(record, BaseException):
+        logger.error("call %s: settlement failed; a task will finish it", call.id, exc_info=record)
         await _settle_later(call, outcome)
         return
     metrics.observe_call(outcome, record.charged_nano if record else 0)

@@ -140,6 +140,11 @@ class _RedisCounters:
             client.count = client.register_script(_COUNT_SCRIPT)
         return client
 
+    async def close(self) -> None:
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
     async def add(self, changes: list[tuple[str, int, int]]) -> list[tuple[int, bool]]:
         args: list[int] = [_COUNTER_SECONDS]
         for _key, amount, limit in changes:
@@ -183,6 +188,12 @@ def counters() -> _RedisCounters | _LocalCounters:
     if _counters is None:
         _counters = _RedisCounters(settings.REDIS_URL) if settings.REDIS_URL else _LocalCounters()
     return _counters
+
+
+async def counters_close() -> None:
+    """Close this event loop's connections to Redis (at the server's shutdown)."""
+    if isinstance(_counters, _RedisCounters):
+        await _counters.close()
 
 
 def counters_forget() -> None:

@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 import pytest
 
@@ -49,8 +49,8 @@ def fake(server: AnthropicFake) -> AnthropicFake:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(trust_env=False) as client:
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(trust_env=False) as client:
         yield client
 
 
@@ -81,7 +81,7 @@ def usages(events: list[StreamEvent]) -> list[Usage]:
     return [event.usage for event in events if isinstance(event, UsageEvent)]
 
 
-async def sent_body(fake: AnthropicFake, client: httpx.AsyncClient, **body: Any) -> dict:
+async def sent_body(fake: AnthropicFake, client: aiohttp.ClientSession, **body: Any) -> dict:
     """What the upstream received for a chat request with these fields."""
     await provider.complete(chat(**body), upstream_for(fake), client)
     return fake.calls[-1].body

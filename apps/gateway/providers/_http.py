@@ -1,5 +1,10 @@
 """What the HTTP adapters share: the request with its per-phase timeouts, the mapping of
-HTTP and transport failures onto base.py's error classes, and an incremental SSE reader."""
+HTTP and transport failures onto base.py's error classes, and an incremental SSE reader.
+
+The client is aiohttp: its C parser and lean connection pool cost about a third of
+httpx's CPU per request and per streamed chunk (bench/README.md), which is most of what a
+relay does.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from apps.gateway.providers.base import (
@@ -27,59 +32,61 @@ _MAX_DETAIL = 300  # characters of an upstream error quoted in our exception mes
 
 @asynccontextmanager
 async def post(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     upstream: Upstream,
     url: str,
     body: dict[str, Any],
     headers: dict[str, str],
-) -> AsyncIterator[httpx.Response]:
+) -> AsyncIterator[aiohttp.ClientResponse]:
     """POST ``body`` as JSON and yield the response as soon as its headers are in, body
     unread; a status other than 2xx raises instead.
 
-    Before the headers, httpx's read timeout is the first-byte timeout; after them it
+    Before the headers, the socket's read timeout is the first-byte timeout; after them it
     becomes the chunk timeout, so every later read of the body is bounded by that. Failures
     before the headers raise UpstreamUnavailable, failures while the body is read (inside
-    the ``async with``) UpstreamFailed. Leaving the block closes the response, and a response
-    closed before its end closes its connection: that is how the upstream learns at once that
-    nobody is listening any more.
+    the ``async with``) UpstreamFailed. Leaving the block before the body's end closes the
+    connection: that is how the upstream learns at once that nobody is listening any more.
     """
-    request = client.build_request(
-        "POST",
-        url,
-        content=orjson.dumps(body),
-        headers={"content-type": "application/json", **headers},
-        timeout=httpx.Timeout(
-            connect=upstream.connect_timeout,
-            read=upstream.first_byte_timeout,
-            write=upstream.chunk_timeout,
-            pool=upstream.connect_timeout,
-        ),
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=upstream.connect_timeout,
+        sock_connect=upstream.connect_timeout,
+        sock_read=upstream.first_byte_timeout,
     )
     try:
-        response = await client.send(request, stream=True)
-    except httpx.TimeoutException as exc:
+        response = await client.post(
+            url,
+            data=orjson.dumps(body),
+            headers={"content-type": "application/json", **headers},
+            timeout=timeout,
+            allow_redirects=False,
+        )
+    except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors too
         raise UpstreamUnavailable(f"{_describe(exc)} before the response", timeout=True) from exc
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         raise UpstreamUnavailable(f"{_describe(exc)} before the response") from exc
     try:
-        if not response.is_success:
+        if not 200 <= response.status < 300:
             await _raise_for_status(response)
-        # httpcore reads the request's timeout extension when it starts reading the body,
-        # so changing it here bounds each read between chunks by the chunk timeout.
-        request.extensions["timeout"]["read"] = upstream.chunk_timeout
+        if response.connection is not None:
+            response.connection.protocol.read_timeout = upstream.chunk_timeout
+            response.connection.protocol.start_timeout()
         try:
             yield response
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:
             raise UpstreamFailed(f"{_describe(exc)} while reading", timeout=True) from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamFailed(f"{_describe(exc)} while reading") from exc
     finally:
-        await response.aclose()
+        if response.content.at_eof():
+            response.release()  # read to its end: the connection goes back to the pool
+        else:
+            response.close()
 
 
-async def read_json(response: httpx.Response) -> dict[str, Any]:
+async def read_json(response: aiohttp.ClientResponse) -> dict[str, Any]:
     """The whole body of a non-streamed answer, parsed."""
-    return parse_json(await response.aread())
+    return parse_json(await response.read())
 
 
 def parse_json(data: bytes) -> dict[str, Any]:
@@ -99,7 +106,7 @@ def error_message(payload: dict[str, Any]) -> str:
     return str(error.get("message") or _quote(orjson.dumps(payload)))
 
 
-async def sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
+async def sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     """Yield the data of each server-sent event as soon as the blank line ending it arrives.
 
     Only ``data`` fields matter to us: OpenAI sends nothing else, and Anthropic repeats each
@@ -107,7 +114,7 @@ async def sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
     """
     event = _EventBuilder()
     pending = b""
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.content.iter_any():
         *lines, pending = (pending + chunk).split(b"\n")
         for line in lines:
             if (data := event.feed(line)) is not None:
@@ -134,11 +141,11 @@ class _EventBuilder:
         return data
 
 
-async def _raise_for_status(response: httpx.Response) -> None:
-    status = response.status_code
+async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
+    status = response.status
     try:
-        raw = await response.aread()
-    except httpx.HTTPError:  # the status says enough on its own
+        raw = await response.read()
+    except (aiohttp.ClientError, TimeoutError):  # the status says enough on its own
         raw = b""
     try:
         payload = orjson.loads(raw)
@@ -173,7 +180,7 @@ def _error_object(payload: dict[str, Any]) -> dict[str, Any]:
     return error if isinstance(error, dict) else {}
 
 
-def _describe(exc: httpx.HTTPError) -> str:
+def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 

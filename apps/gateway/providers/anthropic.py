@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 
 from apps.gateway.providers import _http, _shapes
@@ -42,7 +42,7 @@ _FINISH_REASONS: dict[str, FinishReason] = {
 
 class AnthropicProvider:
     async def complete(
-        self, request: ChatRequest, upstream: Upstream, client: httpx.AsyncClient
+        self, request: ChatRequest, upstream: Upstream, client: aiohttp.ClientSession
     ) -> Completion:
         body = _anthropic_body(request, upstream)
         async with _http.post(client, upstream, _url(upstream), body, _headers(upstream)) as r:
@@ -52,7 +52,7 @@ class AnthropicProvider:
         return _completion(answer)
 
     async def stream(
-        self, request: ChatRequest, upstream: Upstream, client: httpx.AsyncClient
+        self, request: ChatRequest, upstream: Upstream, client: aiohttp.ClientSession
     ) -> AsyncIterator[StreamEvent]:
         body = {**_anthropic_body(request, upstream), "stream": True}
         translator = _StreamTranslator()

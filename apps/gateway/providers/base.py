@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import httpx
+import aiohttp
 
 FinishReason = Literal["stop", "length", "content_filter", "tool_calls"]
 
@@ -151,11 +151,11 @@ class Provider(Protocol):
     """What the gateway calls. One module per upstream kind implements it."""
 
     async def complete(
-        self, request: ChatRequest, upstream: Upstream, client: httpx.AsyncClient
+        self, request: ChatRequest, upstream: Upstream, client: aiohttp.ClientSession
     ) -> Completion: ...
 
     def stream(
-        self, request: ChatRequest, upstream: Upstream, client: httpx.AsyncClient
+        self, request: ChatRequest, upstream: Upstream, client: aiohttp.ClientSession
     ) -> AsyncIterator[StreamEvent]:
         """Yield events as the upstream sends them; the last ChunkEvent carries the
         finish_reason. Closing the iterator (``aclose``) closes the upstream connection

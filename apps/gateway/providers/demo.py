@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 import tiktoken
 
@@ -46,7 +46,7 @@ SENTENCES = (
 
 class DemoProvider:
     async def complete(
-        self, request: ChatRequest, upstream: Upstream, client: httpx.AsyncClient
+        self, request: ChatRequest, upstream: Upstream, client: aiohttp.ClientSession
     ) -> Completion:
         answer = await _answer(request, upstream)
         await asyncio.sleep(_pace(upstream) * answer.usage.completion_tokens)
@@ -60,7 +60,7 @@ class DemoProvider:
         )
 
     async def stream(
-        self, request: ChatRequest, upstream: Upstream, client: httpx.AsyncClient
+        self, request: ChatRequest, upstream: Upstream, client: aiohttp.ClientSession
     ) -> AsyncIterator[StreamEvent]:
         answer = await _answer(request, upstream)
         pace = _pace(upstream)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 
 from apps.gateway.providers import _http
 from apps.gateway.providers.base import (
@@ -27,7 +27,7 @@ from apps.gateway.providers.base import (
 
 class OpenAIProvider:
     async def complete(
-        self, request: ChatRequest, upstream: Upstream, client: httpx.AsyncClient
+        self, request: ChatRequest, upstream: Upstream, client: aiohttp.ClientSession
     ) -> Completion:
         body = _upstream_body(request, upstream)
         body.pop("stream", None)
@@ -43,7 +43,7 @@ class OpenAIProvider:
         return Completion(response=response, usage=_usage(usage) if usage else None)
 
     async def stream(
-        self, request: ChatRequest, upstream: Upstream, client: httpx.AsyncClient
+        self, request: ChatRequest, upstream: Upstream, client: aiohttp.ClientSession
     ) -> AsyncIterator[StreamEvent]:
         body = _upstream_body(request, upstream)
         body["stream"] = True
