@@ -32,6 +32,7 @@ from apps.billing.services import (
     KeyBudget,
     account_id_for_organization,
     hold_place_for_call,
+    hold_release,
 )
 from apps.catalog.selectors import ChannelRoute, Route, callable_models, route_for_model
 from apps.gateway import metrics
@@ -265,10 +266,16 @@ async def open_call(
         admission = await tokens_reserve(grant, admission, quote.worst_case_tokens)
     except LimitExceeded as exceeded:
         raise rate_limited(exceeded) from None
+    placing = asyncio.ensure_future(db_step(_hold, grant, call_id, quote))
     try:
-        hold, max_tokens = await db_step(_hold, grant, call_id, quote)
+        hold, max_tokens = await asyncio.shield(placing)
+    except asyncio.CancelledError:
+        # The client left while the hold was being placed; the step goes on in its thread
+        # regardless. Free what it holds now, not when the hold expires.
+        await asyncio.shield(_release_abandoned(placing, admission))
+        raise
     except BaseException as failure:
-        # Refused, failed or cancelled: nothing is held, and the call gives its tokens back.
+        # Refused or failed: nothing is held, and the call gives its tokens back.
         await asyncio.shield(tokens_correct(admission, 0))
         if isinstance(failure, InsufficientFunds):  # CallNotAffordable included
             metrics.REFUSED_FOR_QUOTA.labels(model=request.model).inc()
@@ -294,6 +301,16 @@ async def open_call(
         admission=admission,
         started=started,
     )
+
+
+async def _release_abandoned(placing: asyncio.Future, admission: Admission) -> None:
+    await tokens_correct(admission, 0)
+    try:
+        hold, _max_tokens = await placing
+    except Exception:
+        return  # refused or failed: nothing was held
+    await db_step(hold_release, hold=hold)
+    logger.info("call %s: the client left before the call began; hold released", hold.request_id)
 
 
 # --- Upstream ----------------------------------------------------------------------------
