@@ -73,7 +73,9 @@ async def _lines(
     header: tuple[str, ...], rows: AsyncIterator[tuple[Any, ...]]
 ) -> AsyncIterator[str]:
     writer = csv.writer(_Echo())
-    yield writer.writerow(header)
+    # A byte-order mark first: without one, Excel reads a CSV in the system's code page
+    # (GBK on a Chinese Windows) and garbles every name that is not ASCII.
+    yield "\ufeff" + writer.writerow(header)
     async for row in rows:
         yield writer.writerow(row)
 

@@ -31,7 +31,9 @@ def _csv(response) -> str:
     async def read() -> bytes:
         return b"".join([chunk async for chunk in response.streaming_content])
 
-    return async_to_sync(read)().decode()
+    body = async_to_sync(read)()
+    assert body.startswith(b"\xef\xbb\xbf")  # UTF-8's BOM: Excel then reads it as UTF-8
+    return body.decode("utf-8-sig")
 
 
 @pytest.fixture
