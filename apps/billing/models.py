@@ -27,9 +27,12 @@ class Account(models.Model):
     Invariants, held by the database where it can:
     - `balance_nano` is the sum of transfers in minus transfers out. Only
       `transfer_post` changes it, with F() arithmetic, in the transaction that inserts the
-      transfer; reconciliation recomputes it and reports any difference.
+      transfer (and, for a call's charge, the settlement statement of apps/usage, which
+      inserts the transfer in the same statement); reconciliation recomputes it and
+      reports any difference.
     - `held_nano` is the cached sum of this account's open holds; only the hold services
-      change it, in the transaction that opens or closes the hold.
+      (and that settlement statement) change it, with the row that opens or closes the
+      hold.
     - A customer's spendable balance (`balance_nano - held_nano`) never goes below zero;
       system accounts may be negative (top-up clearing is, by the money paid in).
     """
