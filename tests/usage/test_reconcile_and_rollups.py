@@ -15,20 +15,9 @@ from apps.usage.services import CallOutcome, books_reconcile, call_settle
 from apps.usage.tasks import reconcile_books, rollup_usage
 
 
-def _settled_call(
-    org, api_key, price, request_id: str, completion_tokens: int = 100
-) -> UsageRecord:
-    account = account_for_organization(organization=org)
-    hold = hold_place(
-        account=account,
-        key=None,
-        request=HoldRequest(
-            request_id=request_id,
-            amount_nano=10**7,
-            expires_at=timezone.now() + timedelta(minutes=5),
-        ),
-    )
-    outcome = CallOutcome(
+def call_outcome(org, api_key, price, request_id: str, completion_tokens: int = 100) -> CallOutcome:
+    """A finished call of 50 prompt tokens (10 cached) on gpt-4o."""
+    return CallOutcome(
         request_id=request_id,
         organization_id=org.pk,
         api_key_id=api_key.pk,
@@ -45,6 +34,22 @@ def _settled_call(
         latency_ms=12,
         ttft_ms=5,
     )
+
+
+def _settled_call(
+    org, api_key, price, request_id: str, completion_tokens: int = 100
+) -> UsageRecord:
+    account = account_for_organization(organization=org)
+    hold = hold_place(
+        account=account,
+        key=None,
+        request=HoldRequest(
+            request_id=request_id,
+            amount_nano=10**7,
+            expires_at=timezone.now() + timedelta(minutes=5),
+        ),
+    )
+    outcome = call_outcome(org, api_key, price, request_id, completion_tokens)
     return call_settle(hold=hold, outcome=outcome, rates=price)
 
 

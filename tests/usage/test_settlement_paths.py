@@ -22,13 +22,13 @@ from apps.billing.services import (
     hold_place_for_call,
     system_account,
 )
-from apps.usage.models import EndReason, UsageRecord, UsageSource
+from apps.usage.models import UsageRecord
 from apps.usage.services import (
-    CallOutcome,
     _settle_in_one_statement,
     _settle_in_transaction,
     call_settle,
 )
+from tests.usage.test_reconcile_and_rollups import call_outcome
 
 pytestmark = pytest.mark.postgres
 
@@ -51,26 +51,6 @@ def _hold(org, api_key, price, request_id: str, **quote) -> tuple[Hold, int]:
         request_id=request_id,
         expires_at=timezone.now() + timedelta(minutes=5),
         quote=_quote(price, **quote),
-    )
-
-
-def _outcome(org, api_key, price, request_id: str, completion_tokens: int) -> CallOutcome:
-    return CallOutcome(
-        request_id=request_id,
-        organization_id=org.pk,
-        api_key_id=api_key.pk,
-        model="gpt-4o",
-        price_id=price.pk,
-        channel_id=None,
-        prompt_tokens=50,
-        cached_tokens=10,
-        completion_tokens=completion_tokens,
-        usage_source=UsageSource.UPSTREAM,
-        end_reason=EndReason.DONE,
-        status_code=200,
-        is_stream=False,
-        latency_ms=12,
-        ttft_ms=5,
     )
 
 
@@ -111,7 +91,7 @@ def test_both_settlements_write_the_same_books(funded_org, api_key, price):
     ):
         hold, _max = _hold(funded_org, api_key, price, request_id)
         before = _books(funded_org)
-        outcome = _outcome(funded_org, api_key, price, request_id, completion_tokens=120)
+        outcome = call_outcome(funded_org, api_key, price, request_id, completion_tokens=120)
         record = settle(hold=hold, outcome=outcome, cost_nano=1_237_500)
         after = _books(funded_org)
         stored = UsageRecord.objects.get(request_id=request_id)
@@ -136,7 +116,7 @@ def test_both_settlements_write_the_same_books(funded_org, api_key, price):
 
 def test_a_free_call_settles_in_one_statement_without_a_transfer(funded_org, api_key, price):
     hold, _max = _hold(funded_org, api_key, price, "chatcmpl-free")
-    outcome = _outcome(funded_org, api_key, price, "chatcmpl-free", completion_tokens=0)
+    outcome = call_outcome(funded_org, api_key, price, "chatcmpl-free", completion_tokens=0)
     record = _settle_in_one_statement(hold=hold, outcome=outcome, cost_nano=0)
     assert record.transfer_id is None
     assert record.charged_nano == 0
@@ -148,7 +128,7 @@ def test_a_cost_beyond_the_hold_is_settled_by_the_ledger_services(funded_org, ap
     """An upstream that counted more than our estimate: the cost is more than the hold,
     so the careful path charges it (capped at the balance)."""
     hold, _max = _hold(funded_org, api_key, price, "chatcmpl-more")
-    outcome = _outcome(funded_org, api_key, price, "chatcmpl-more", completion_tokens=180)
+    outcome = call_outcome(funded_org, api_key, price, "chatcmpl-more", completion_tokens=180)
     outcome = replace(outcome, prompt_tokens=5_000)  # far more than the 50 we held for
     record = call_settle(hold=hold, outcome=outcome, rates=price)
     assert record.cost_nano > hold.amount_nano
