@@ -1,4 +1,5 @@
-"""Database work from async code: one step, in a shared worker thread, connection returned.
+"""Database work from async code: one step, in a shared worker thread, connection returned;
+and one lookup shared by the concurrent requests that need it (SingleFlight).
 
 Django's ORM and transactions are synchronous, so async code runs each database step (one
 transaction, or a few reads) in a thread. By default `sync_to_async` uses a thread of the
