@@ -221,10 +221,14 @@ async def requests_admit(grant: KeyGrant) -> Admission:
     in one round trip. Raises LimitExceeded (429) when a requests limit is reached."""
     now = time.time()
     window, reset = _window(now)
-    limits = [(grant.rpm, _counter("rpm-key", grant.id, window))]
-    if grant.org_rpm:
-        limits.append((grant.org_rpm, _counter("rpm-org", grant.organization_id, window)))
-    limits = [(rpm, key) for rpm, key in limits if rpm]
+    limits = [
+        (rpm, _counter(kind, owner, window))
+        for kind, owner, rpm in (
+            ("rpm-key", grant.id, grant.rpm),
+            ("rpm-org", grant.organization_id, grant.org_rpm),
+        )
+        if rpm
+    ]
     changes = [(key, 1, ALWAYS) for _rpm, key in limits]
     changes.append((_counter("tpm", grant.id, window), 0, ALWAYS))
     try:

@@ -155,7 +155,10 @@ async def _grant_shared(key_hash: str) -> KeyGrant | None:
     if cached is not None:
         return None if cached == _MISSING else cached
     grant = await db_step(_grant_from_db, key_hash)
-    await cache.aset(grant_cache_key(key_hash), grant or _MISSING, SHARED_TTL)
+    try:
+        await cache.aset(grant_cache_key(key_hash), grant or _MISSING, SHARED_TTL)
+    except Exception as error:  # went down meanwhile: the grant read is still good
+        logger.error("key cache unavailable, not remembering the key: %s", error)
     return grant
 
 

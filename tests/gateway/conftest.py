@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 import pytest
@@ -63,6 +64,13 @@ def _anthropic_server() -> Iterator[AnthropicFake]:
 def _fresh(fake: FakeUpstream) -> FakeUpstream:
     fake.reset()
     return fake
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """The HTTP client the provider adapters are handed, as the gateway's own."""
+    async with aiohttp.ClientSession(trust_env=False) as client:
+        yield client
 
 
 @pytest.fixture

@@ -48,12 +48,6 @@ def fake(server: AnthropicFake) -> AnthropicFake:
     return server
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(trust_env=False) as client:
-        yield client
-
-
 def upstream_for(fake: AnthropicFake, **options: Any) -> Upstream:
     return Upstream(base_url=fake.base_url, api_key="sk-ant-upstream", model="claude-up", **options)
 

@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import aiohttp
 import pytest
 
 from apps.gateway.providers.base import (
@@ -40,12 +39,6 @@ def server() -> Iterator[OpenAIFake]:
 def fake(server: OpenAIFake) -> OpenAIFake:
     server.reset()
     return server
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(trust_env=False) as client:
-        yield client
 
 
 def upstream_for(fake: OpenAIFake, **options: Any) -> Upstream:

@@ -73,3 +73,21 @@ def test_revoking_twice_keeps_the_first_time(api_key):
     key_revoke(key=api_key)
     assert ApiKey.objects.get(pk=api_key.pk).revoked_at == first
     assert api_key.is_revoked
+
+
+@pytest.mark.django_db(transaction=True)  # the lookup reads on a worker thread's connection
+@pytest.mark.parametrize("broken", ["aget", "aset"])
+def test_a_key_is_still_recognised_while_the_shared_cache_is_down(org, monkeypatch, broken):
+    from asgiref.sync import async_to_sync
+    from django.core.cache import cache
+
+    from apps.keys.selectors import key_authenticate
+
+    async def down(*args, **kwargs):
+        raise ConnectionError("the cache is down")
+
+    monkeypatch.setattr(cache, broken, down)
+    key, clear = key_create(organization=org, name="k")
+    grant = async_to_sync(key_authenticate)(clear)
+    assert grant is not None
+    assert grant.id == key.pk
