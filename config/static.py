@@ -10,6 +10,8 @@ rest of the stack directly.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
+
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.http import HttpRequest, HttpResponseBase
 from whitenoise.middleware import WhiteNoiseMiddleware
@@ -36,4 +38,15 @@ class AsyncWhiteNoiseMiddleware(WhiteNoiseMiddleware):
             static_file = self.files.get(request.path_info)
         if static_file is None:
             return await self.get_response(request)
-        return await sync_to_async(self.serve, thread_sensitive=False)(static_file, request)
+        response = await sync_to_async(self.serve, thread_sensitive=False)(static_file, request)
+        if response.streaming and not response.is_async:
+            # A file's chunks come from a blocking read: under ASGI Django would read the
+            # whole file in a thread first (with a warning); read each chunk in one instead.
+            response.streaming_content = _read_in_thread(iter(response.streaming_content))
+        return response
+
+
+async def _read_in_thread(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    read = sync_to_async(next, thread_sensitive=False)
+    while (chunk := await read(chunks, None)) is not None:
+        yield chunk
