@@ -80,7 +80,9 @@ from config.asyncdb import db_step
 
 logger = logging.getLogger(__name__)
 
-_ID_ALPHABET = string.ascii_letters + string.digits
+# Each random byte picks a letter or a digit. 256 is not a multiple of 62, so eight of
+# them come up slightly more often: an id must be unique, not uniformly distributed.
+_ID_TABLE = bytes((string.ascii_letters + string.digits).encode()[i % 62] for i in range(256))
 # Counting a long prompt takes a millisecond or more of CPU: past this size (or before the
 # vocabulary is loaded) it runs in a worker thread so the event loop keeps serving other
 # streams.
@@ -88,7 +90,9 @@ _OFF_LOOP_PROMPT_CHARS = 20_000
 
 
 def new_call_id() -> str:
-    return "chatcmpl-" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(29))
+    # One read of the system's randomness, not one per character (29 system calls, 1.6 %
+    # of the event loop's time under load).
+    return "chatcmpl-" + secrets.token_bytes(29).translate(_ID_TABLE).decode()
 
 
 @dataclass
