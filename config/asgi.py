@@ -43,9 +43,11 @@ api = ApiHandler()
 
 async def lifespan(receive, send) -> None:
     """Start-up needs nothing; at shutdown, close this process's pooled clients (the
-    upstreams', the rate limiter's) instead of leaving their sockets to the exit."""
+    upstreams', the rate limiter's, the database's async one) instead of leaving their
+    sockets to the exit."""
     from apps.gateway.calls import upstream_clients_close
     from apps.keys.limits import counters_close
+    from config.asyncdb import fetch_pools_close
 
     while True:
         message = await receive()
@@ -54,6 +56,7 @@ async def lifespan(receive, send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await upstream_clients_close()
             await counters_close()
+            await fetch_pools_close()
             await send({"type": "lifespan.shutdown.complete"})
             return
 

@@ -150,6 +150,12 @@ if not DATABASE_URL:
     # duplicate a rollup there; PostgreSQL enforces it in production.
     SILENCED_SYSTEM_CHECKS = ["models.W047"]
 
+# The event loop's own connections, for the one-statement hold and settlement of each call
+# (config/asyncdb.py), per worker process, beside the pool above (PostgreSQL only).
+DB_ASYNC_POOL_MIN = env_int("DB_ASYNC_POOL_MIN", 1)
+DB_ASYNC_POOL_MAX = env_int("DB_ASYNC_POOL_MAX", 10)
+DB_ASYNC_POOL_TIMEOUT = env_float("DB_ASYNC_POOL_TIMEOUT", 10.0)
+
 # --- Cache ----------------------------------------------------------------------------
 # Connections per process to Redis, for each of its pools (the cache's, the limiter's):
 # redis-py's default of 100 runs dry under a few hundred concurrent calls, and then every

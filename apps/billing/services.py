@@ -31,6 +31,7 @@ from apps.billing.money import (
 )
 from apps.keys.models import ApiKey, BudgetPeriod
 from apps.tenancy.models import Membership, Organization, Role, User
+from config.asyncdb import db_step, fetch_one, fetch_one_available
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,13 @@ def system_account(kind: AccountKind) -> Account:
         account = Account.objects.get(kind=kind, organization=None)
     _system_accounts[kind] = account
     return account
+
+
+def remembered_system_account_id(kind: AccountKind) -> int | None:
+    """The system account's id if this process knows it already (async code cannot ask
+    the ORM)."""
+    account = _system_accounts.get(kind)
+    return account.pk if account is not None else None
 
 
 def system_accounts_forget() -> None:
@@ -335,9 +343,52 @@ def hold_place_for_call(
     fit, CallNotAffordable says how many output tokens the money would cover.
 
     Most calls fit their balance with room to spare: on PostgreSQL they are held by one
-    statement (see `_hold_if_covered`). A call the money may not cover takes the careful
+    statement (see `_HOLD_IF_COVERED`). A call the money may not cover takes the careful
     path, which reads the balance and works out what it affords.
     """
+    full_tokens, full_cost = _full_hold(quote)
+    fields = _hold_fields(account_id, key, request_id, expires_at)
+    if not _budgeted(key) and connection.vendor == "postgresql":
+        hold = _hold_if_covered(amount_nano=full_cost, **fields)
+        if hold is not None:
+            return hold, full_tokens
+    return _hold_carefully(key=key, quote=quote, fields=fields)
+
+
+async def hold_place_for_call_async(
+    *,
+    organization_id: int,
+    key: KeyBudget | None,
+    request_id: str,
+    expires_at: datetime,
+    quote: CallQuote,
+) -> tuple[Hold, int]:
+    """`hold_place_for_call` for the organization's account, from async code: the one
+    statement runs on the event loop's own connection; anything else (the careful path,
+    another database) in a worker thread."""
+    account_id = _customer_account_ids.get(organization_id)
+    if account_id is None:
+        account_id = await db_step(account_id_for_organization, organization_id=organization_id)
+    if _budgeted(key) or not fetch_one_available():
+        return await db_step(
+            hold_place_for_call,
+            account_id=account_id,
+            key=key,
+            request_id=request_id,
+            expires_at=expires_at,
+            quote=quote,
+        )
+    full_tokens, full_cost = _full_hold(quote)
+    fields = _hold_fields(account_id, key, request_id, expires_at)
+    now = timezone.now()
+    row = await fetch_one(_HOLD_IF_COVERED, _hold_params(amount_nano=full_cost, now=now, **fields))
+    if row is not None:
+        return _held(row, amount_nano=full_cost, now=now, **fields), full_tokens
+    return await db_step(_hold_carefully, key=key, quote=quote, fields=fields)
+
+
+def _full_hold(quote: CallQuote) -> tuple[int, Nano]:
+    """The output a call runs with if the money covers it all, and that worst case's cost."""
     full_tokens = quote.max_tokens or quote.output_cap
     full_cost = call_cost_nano(
         prompt_tokens=quote.prompt_tokens,
@@ -345,56 +396,93 @@ def hold_place_for_call(
         completion_tokens=full_tokens * quote.n,
         rates=quote.rates,
     )
-    budgeted = key is not None and key.budget_nano is not None
-    hold_fields = {
+    return full_tokens, full_cost
+
+
+def _budgeted(key: KeyBudget | None) -> bool:
+    return key is not None and key.budget_nano is not None
+
+
+def _hold_fields(
+    account_id: int, key: KeyBudget | None, request_id: str, expires_at: datetime
+) -> dict:
+    return {
         "account_id": account_id,
         "key_id": key.key_id if key else None,
         "request_id": request_id,
         "expires_at": expires_at,
     }
-    if not budgeted:
-        hold = _hold_if_covered(amount_nano=full_cost, **hold_fields)
-        if hold is not None:
-            return hold, full_tokens
+
+
+def _hold_carefully(*, key: KeyBudget | None, quote: CallQuote, fields: dict) -> tuple[Hold, int]:
+    """What `hold_place_for_call` does when the one statement did not hold the call (or
+    cannot be used): in a transaction, check the key's budget, then hold the whole worst
+    case if it fits or work out what the money affords."""
+    full_tokens, full_cost = _full_hold(quote)
     with transaction.atomic():
-        budget_left = _key_budget_left_nano(key) if budgeted else None
-        if budgeted and budget_left >= full_cost:
-            hold = _hold_if_covered(amount_nano=full_cost, **hold_fields)
+        budget_left = _key_budget_left_nano(key) if _budgeted(key) else None
+        covered = budget_left is not None and budget_left >= full_cost
+        if covered and connection.vendor == "postgresql":
+            hold = _hold_if_covered(amount_nano=full_cost, **fields)
             if hold is not None:
                 return hold, full_tokens
-        return _hold_what_is_affordable(quote=quote, budget_left=budget_left, **hold_fields)
+        return _hold_what_is_affordable(quote=quote, budget_left=budget_left, **fields)
 
 
 def _hold_if_covered(
     *, account_id: int, key_id: int | None, request_id: str, amount_nano: Nano, expires_at: datetime
 ) -> Hold | None:
     """On PostgreSQL, hold `amount_nano` if the spendable balance covers it, in one
-    statement; None when it does not (or on another database: the caller then takes the
-    careful path).
+    statement (`_HOLD_IF_COVERED`); None when it does not.
 
     One statement, because the customer's row is the one every call of the organization
     locks: locked by a statement, it is free again as soon as the statement ends, instead
     of waiting for the process to send the next one and commit.
     """
-    if connection.vendor != "postgresql":
-        return None
+    fields = {"account_id": account_id, "key_id": key_id, "request_id": request_id}
     now = timezone.now()
     with connection.cursor() as cursor:
         cursor.execute(
             _HOLD_IF_COVERED,
-            {
-                "account": account_id,
-                "key": key_id,
-                "request": request_id,
-                "amount": amount_nano,
-                "now": now,
-                "expires": expires_at,
-                "open": HoldStatus.OPEN.value,
-            },
+            _hold_params(amount_nano=amount_nano, now=now, expires_at=expires_at, **fields),
         )
         row = cursor.fetchone()
     if row is None:
         return None
+    return _held(row, amount_nano=amount_nano, now=now, expires_at=expires_at, **fields)
+
+
+def _hold_params(
+    *,
+    account_id: int,
+    key_id: int | None,
+    request_id: str,
+    amount_nano: Nano,
+    expires_at: datetime,
+    now: datetime,
+) -> dict:
+    return {
+        "account": account_id,
+        "key": key_id,
+        "request": request_id,
+        "amount": amount_nano,
+        "now": now,
+        "expires": expires_at,
+        "open": HoldStatus.OPEN.value,
+    }
+
+
+def _held(
+    row: tuple,
+    *,
+    account_id: int,
+    key_id: int | None,
+    request_id: str,
+    amount_nano: Nano,
+    expires_at: datetime,
+    now: datetime,
+) -> Hold:
+    """The Hold that `_HOLD_IF_COVERED` inserted, from the id it returned."""
     hold = Hold(
         id=row[0],
         account_id=account_id,

@@ -1,8 +1,10 @@
 """One completion call, from the key's policy to settlement.
 
 The view parses and answers; this module decides: which model and channels, how much to
-hold, how to fail over, what to bill. Each database step is one sync function run with
-one `sync_to_async`, because a transaction cannot span async code.
+hold, how to fail over, what to bill. The hold and the settlement are async services
+(one statement on the event loop's connection when they can be); any other database step is
+one sync function run in a worker thread (`db_step`), because a transaction cannot span
+async code.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ from apps.billing.services import (
     CallQuote,
     InsufficientFunds,
     KeyBudget,
-    account_id_for_organization,
-    hold_place_for_call,
+    hold_place_for_call_async,
     hold_release,
 )
 from apps.catalog.selectors import ChannelRoute, Route, callable_models, route_for_model
@@ -74,7 +75,7 @@ from apps.keys.limits import (
 )
 from apps.keys.selectors import KeyGrant
 from apps.usage.models import EndReason, UsageSource
-from apps.usage.services import CallOutcome, call_settle
+from apps.usage.services import CallOutcome, call_settle_async
 from apps.usage.tasks import settle_call
 from config.asyncdb import db_step
 
@@ -181,9 +182,9 @@ async def estimate_prompt_tokens(request: ValidRequest) -> int:
     )
 
 
-def _hold(grant: KeyGrant, call_id: str, quote: CallQuote) -> tuple[Hold, int]:
-    return hold_place_for_call(
-        account_id=account_id_for_organization(organization_id=grant.organization_id),
+async def _hold(grant: KeyGrant, call_id: str, quote: CallQuote) -> tuple[Hold, int]:
+    return await hold_place_for_call_async(
+        organization_id=grant.organization_id,
         key=KeyBudget(key_id=grant.id, budget_nano=grant.budget_nano, period=grant.budget_period),
         request_id=call_id,
         expires_at=timezone.now() + timedelta(seconds=settings.GATEWAY_HOLD_SECONDS),
@@ -270,11 +271,11 @@ async def open_call(
         admission = await tokens_reserve(grant, admission, quote.worst_case_tokens)
     except LimitExceeded as exceeded:
         raise rate_limited(exceeded) from None
-    placing = asyncio.ensure_future(db_step(_hold, grant, call_id, quote))
+    placing = asyncio.ensure_future(_hold(grant, call_id, quote))
     try:
         hold, max_tokens = await asyncio.shield(placing)
     except asyncio.CancelledError:
-        # The client left while the hold was being placed; the step goes on in its thread
+        # The client left while the hold was being placed; the shielded step goes on
         # regardless. Free what it holds now, not when the hold expires.
         await asyncio.shield(_release_abandoned(placing, admission))
         raise
@@ -616,7 +617,7 @@ async def settle(call: Call) -> None:
     # both at once, so the call waits for the slower only.
     _corrected, record = await asyncio.gather(
         tokens_correct(call.admission, outcome.prompt_tokens + outcome.completion_tokens),
-        db_step(call_settle, hold=call.hold, outcome=outcome, rates=call.route.price),
+        call_settle_async(hold=call.hold, outcome=outcome, rates=call.route.price),
         return_exceptions=True,
     )
     if isinstance(record, BaseException):

@@ -17,10 +17,11 @@ from django.utils import timezone
 from apps.billing.models import AccountKind, Hold, HoldStatus, ReconciliationReport, TransferKind
 from apps.billing.money import Nano, Rates, call_cost_nano
 from apps.billing.selectors import books_check
-from apps.billing.services import hold_settle, system_account
+from apps.billing.services import hold_settle, remembered_system_account_id, system_account
 from apps.keys.models import ApiKey
 from apps.usage.models import RollupPeriod, UsageRecord, UsageRollup
 from apps.usage.selectors import usage_ledger_problems
+from config.asyncdb import db_step, fetch_one, fetch_one_available
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +59,51 @@ def call_settle(*, hold: Hold, outcome: CallOutcome, rates: Rates) -> UsageRecor
     past that. Returns None if the hold had been released instead (the call was given up
     for dead): nothing is charged then.
     """
-    cost = call_cost_nano(
-        prompt_tokens=outcome.prompt_tokens,
-        cached_tokens=outcome.cached_tokens,
-        completion_tokens=outcome.completion_tokens,
-        rates=rates,
-    )
+    cost = _call_cost(outcome, rates)
     if cost <= hold.amount_nano and connection.vendor == "postgresql":
         record = _settle_in_one_statement(hold=hold, outcome=outcome, cost_nano=cost)
     else:
         record = _settle_in_transaction(hold=hold, outcome=outcome, cost_nano=cost)
     if record is None:  # settled before (a retry), or released
-        return UsageRecord.objects.filter(request_id=outcome.request_id).first()
-    _note_key_used(outcome.api_key_id)
+        return _record_of(outcome)
+    if _key_use_due(outcome.api_key_id):
+        _key_use_write(outcome.api_key_id)
     return record
+
+
+async def call_settle_async(
+    *, hold: Hold, outcome: CallOutcome, rates: Rates
+) -> UsageRecord | None:
+    """`call_settle` from async code: a call that cost no more than its hold (nearly
+    every call) is settled by one statement on the event loop's own connection; anything
+    else runs `call_settle` in a worker thread."""
+    cost = _call_cost(outcome, rates)
+    if cost > hold.amount_nano or not fetch_one_available():
+        return await db_step(call_settle, hold=hold, outcome=outcome, rates=rates)
+    revenue_id = remembered_system_account_id(AccountKind.REVENUE)
+    if revenue_id is None:
+        revenue_id = (await db_step(system_account, AccountKind.REVENUE)).pk
+    fields = _record_fields(outcome, cost, cost)
+    now = timezone.now()
+    row = await fetch_one(_SETTLE, _settle_params(hold, outcome, fields, now, revenue_id))
+    if row is None or row[0] is None:  # settled before (a retry), or released
+        return await db_step(_record_of, outcome)
+    if _key_use_due(outcome.api_key_id):
+        await db_step(_key_use_write, outcome.api_key_id)
+    return _settled_record(row, fields, now)
+
+
+def _call_cost(outcome: CallOutcome, rates: Rates) -> Nano:
+    return call_cost_nano(
+        prompt_tokens=outcome.prompt_tokens,
+        cached_tokens=outcome.cached_tokens,
+        completion_tokens=outcome.completion_tokens,
+        rates=rates,
+    )
+
+
+def _record_of(outcome: CallOutcome) -> UsageRecord | None:
+    return UsageRecord.objects.filter(request_id=outcome.request_id).first()
 
 
 def _record_fields(outcome: CallOutcome, cost_nano: Nano, charged_nano: Nano) -> dict:
@@ -120,8 +152,8 @@ def _settle_in_one_statement(
     *, hold: Hold, outcome: CallOutcome, cost_nano: Nano
 ) -> UsageRecord | None:
     """Settlement of a call that cost no more than its hold, on PostgreSQL, as one
-    statement: claim the hold, debit the customer and release the hold, credit revenue,
-    insert the transfer and the usage record. None if the hold was no longer open.
+    statement (`_SETTLE`): claim the hold, debit the customer and release the hold, credit
+    revenue, insert the transfer and the usage record. None if the hold was no longer open.
 
     The same writes as `_settle_in_transaction`; what makes one statement possible is that
     a cost within the hold is always payable (the hold is part of the balance), so nothing
@@ -129,25 +161,34 @@ def _settle_in_one_statement(
     every call touches, only while PostgreSQL runs it: no lock waits on this process
     sending the next statement and the commit.
     """
+    revenue_id = system_account(AccountKind.REVENUE).pk
     fields = _record_fields(outcome, cost_nano, cost_nano)
     now = timezone.now()
     with connection.cursor() as cursor:
-        cursor.execute(
-            _SETTLE,
-            {
-                **fields,
-                "hold": hold.pk,
-                "open": HoldStatus.OPEN.value,
-                "settled": HoldStatus.SETTLED.value,
-                "revenue": system_account(AccountKind.REVENUE).pk,
-                "charge_kind": TransferKind.CHARGE.value,
-                "memo": _memo(outcome)[:500],
-                "now": now,
-            },
-        )
+        cursor.execute(_SETTLE, _settle_params(hold, outcome, fields, now, revenue_id))
         row = cursor.fetchone()
     if row is None or row[0] is None:
         return None
+    return _settled_record(row, fields, now)
+
+
+def _settle_params(
+    hold: Hold, outcome: CallOutcome, fields: dict, now: datetime, revenue_id: int
+) -> dict:
+    return {
+        **fields,
+        "hold": hold.pk,
+        "open": HoldStatus.OPEN.value,
+        "settled": HoldStatus.SETTLED.value,
+        "revenue": revenue_id,
+        "charge_kind": TransferKind.CHARGE.value,
+        "memo": _memo(outcome)[:500],
+        "now": now,
+    }
+
+
+def _settled_record(row: tuple, fields: dict, now: datetime) -> UsageRecord:
+    """The UsageRecord that `_SETTLE` inserted, from the ids it returned."""
     record = UsageRecord(id=row[0], transfer_id=row[1], created_at=now, **fields)
     record._state.adding = False  # it is in the database: saving it would update it
     return record
@@ -196,13 +237,18 @@ SELECT (SELECT id FROM record), (SELECT id FROM transfer)
 _key_used_written: dict[int, float] = {}
 
 
-def _note_key_used(api_key_id: int | None) -> None:
+def _key_use_due(api_key_id: int | None) -> bool:
+    """Whether this process should write the key's last_used_at now; notes that it will."""
     if api_key_id is None:
-        return
+        return False
     now = time.monotonic()
     if now - _key_used_written.get(api_key_id, -math.inf) < LAST_USED_RESOLUTION.total_seconds():
-        return
+        return False
     _key_used_written[api_key_id] = now
+    return True
+
+
+def _key_use_write(api_key_id: int) -> None:
     moment = timezone.now()
     ApiKey.objects.filter(
         Q(last_used_at__isnull=True) | Q(last_used_at__lt=moment - LAST_USED_RESOLUTION),
