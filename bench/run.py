@@ -341,8 +341,10 @@ class Setup:
             if time.monotonic() > deadline:
                 raise RuntimeError("real200 did not answer /healthz within 60 s")
             time.sleep(0.2)
-        # Both workers must be up before any measurement (the first /healthz proves one).
-        while len(tree(self.real200.pid, proc_table())) < self.args.workers + 1:
+        # Every worker must be up before any measurement (the first /healthz proves one).
+        # uvicorn forks workers under a supervisor only for more than one.
+        processes = self.args.workers + 1 if self.args.workers > 1 else 1
+        while len(tree(self.real200.pid, proc_table())) < processes:
             if time.monotonic() > deadline:
                 raise RuntimeError("real200's workers did not all start")
             time.sleep(0.2)
