@@ -20,6 +20,7 @@ first token (bench/README.md).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
@@ -53,9 +54,13 @@ async def db_step(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) ->
     return await sync_to_async(_released(func), thread_sensitive=False)(*args, **kwargs)
 
 
+@functools.cache
 def fetch_one_available() -> bool:
-    """Whether `fetch_one` may be used: only PostgreSQL has an async driver here."""
-    return connection.vendor == "postgresql"
+    """Whether `fetch_one` may be used: only PostgreSQL has an async driver here.
+
+    Read from the settings, once: in async code `connection` is a new DatabaseWrapper for
+    every task (Django keeps connections per task there), a tenth of a call's CPU."""
+    return settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
 
 
 async def fetch_one(sql: str, params: Mapping[str, Any]) -> tuple | None:
