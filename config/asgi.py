@@ -6,6 +6,8 @@ needs only the security headers. So /v1 requests go to a second Django handler w
 chain is settings.API_MIDDLEWARE; both share the URLconf, the settings and the process.
 """
 
+import asyncio
+import contextlib
 import os
 
 from django.core.asgi import get_asgi_application
@@ -15,17 +17,72 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 pages = get_asgi_application()  # sets Django up
 
 from django.conf import settings  # noqa: E402 - after setup
-from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core.exceptions import RequestAborted  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E402
+from django.http import HttpRequest, HttpResponseBase  # noqa: E402
+from django.urls import set_script_prefix  # noqa: E402
 
 
 class ApiHandler(ASGIHandler):
     async def __call__(self, scope, receive, send) -> None:
         # Django runs each request in a ThreadSensitiveContext, which starts a thread of the
         # request's own for its synchronous steps: a thread per open stream. The API runs
-        # its database steps in the shared worker threads instead (config/asyncdb.py); the
-        # few brief steps left to Django (request signals, closing the response) run on
-        # the process's one thread for synchronous code.
+        # its database steps in the shared worker threads instead (config/asyncdb.py), and
+        # `handle` below leaves Django no synchronous step of its own.
         await self.handle(scope, receive, send)
+
+    async def handle(self, scope, receive, send) -> None:
+        """Django's ASGIHandler.handle (5.2) without its two hops to the process's thread
+        for synchronous code: one to send `request_started`, one to close the response
+        (which sends `request_finished`). Their receivers close or reset what a request
+        holds in its thread: database connections, cache clients, the URLconf. An API
+        request holds none in this one: its database steps close their connections in
+        the worker threads, its hold and settlement use the event loop's async pool. At
+        one call at a time the hops were a sixth of a call's CPU and 0.6 ms of its
+        latency (bench: one worker, c=1: 3.8 ms of CPU and 5.4 ms before, 3.2 and 4.8)."""
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        try:
+            set_script_prefix(get_script_prefix(scope))
+            request, error_response = self.create_request(scope, body_file)
+            if request is None:
+                await self.send_response(error_response, send)
+                return
+            response = await self._respond_unless_disconnected(request, receive, send)
+            if response is not None:
+                response.close()  # `request_finished`: nothing to close on this thread
+        finally:
+            body_file.close()
+
+    async def _respond_unless_disconnected(
+        self, request: HttpRequest, receive, send
+    ) -> HttpResponseBase | None:
+        """Run the view and send its response, cancelling it if the client disconnects
+        first (as Django does: the view sees a CancelledError at its current await)."""
+
+        async def respond() -> HttpResponseBase:
+            response = await self.run_get_response(request)
+            with contextlib.suppress(asyncio.CancelledError):  # the client left meanwhile
+                await self.send_response(response, send)
+            return response
+
+        listening = asyncio.create_task(self.listen_for_disconnect(receive))
+        responding = asyncio.create_task(respond())
+        await asyncio.wait((listening, responding), return_when=asyncio.FIRST_COMPLETED)
+        for task in (listening, responding):
+            if task.done():
+                with contextlib.suppress(RequestAborted):  # the client disconnected
+                    task.result()
+            else:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        try:
+            return responding.result()
+        except asyncio.CancelledError:
+            return None
 
     def load_middleware(self, is_async: bool = False) -> None:
         # BaseHandler builds its chain from settings.MIDDLEWARE; build this one from the

@@ -1,0 +1,53 @@
+"""The /v1 handler (config/asgi.py) against a live real200: no hop to a thread for
+Django's request signals."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from django.core import signals
+
+pytestmark = pytest.mark.postgres
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_the_api_takes_no_thread_hop_for_request_signals_and_the_pages_still_do(live):
+    """Django sends `request_started` and closes the response (`request_finished`) in the
+    process's thread for synchronous code: two hops per API request, with nothing to
+    clean up in that thread. The API sends no `request_started` and closes its response
+    on the event loop; the dashboard's pages keep both, in the thread where their
+    database connections are given back."""
+    sent: list[tuple[str, str, bool]] = []
+
+    def note(signal, sender, **kwargs) -> None:
+        name = "started" if signal is signals.request_started else "finished"
+        sent.append((name, sender.__name__, _on_event_loop()))
+
+    signals.request_started.connect(note)
+    signals.request_finished.connect(note)
+    try:
+        chat = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
+        assert live.post(chat).status_code == 200
+        assert live.post({**chat, "stream": True}).status_code == 200
+        assert live.post({"model": "gpt-4o"}).status_code == 400
+        assert sent == [("finished", "ApiHandler", True)] * 3
+
+        sent.clear()
+        assert httpx.get(f"{live.url}/healthz").status_code == 200
+        deadline = time.monotonic() + 5
+        while len(sent) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # request_finished comes once the answer has been sent
+    finally:
+        signals.request_started.disconnect(note)
+        signals.request_finished.disconnect(note)
+    assert sent == [("started", "ASGIHandler", False), ("finished", "ASGIHandler", False)]
