@@ -66,13 +66,7 @@ from apps.gateway.providers.base import (
 )
 from apps.gateway.tokens import count_prompt_tokens, count_text_tokens, encoding_ready
 from apps.gateway.validation import ValidRequest
-from apps.keys.limits import (
-    Admission,
-    LimitExceeded,
-    requests_admit,
-    tokens_correct,
-    tokens_reserve,
-)
+from apps.keys.limits import Admission, LimitExceeded, call_admit, tokens_correct
 from apps.keys.selectors import KeyGrant
 from apps.usage.models import EndReason, UsageSource
 from apps.usage.services import CallOutcome, call_settle_async
@@ -199,14 +193,6 @@ def rate_limited(exceeded: LimitExceeded) -> RateLimited:
     )
 
 
-async def admit_request(grant: KeyGrant) -> Admission:
-    """Count the request against the key's and the organization's requests per minute."""
-    try:
-        return await requests_admit(grant)
-    except LimitExceeded as exceeded:
-        raise rate_limited(exceeded) from None
-
-
 def _quota_error(refusal: InsufficientFunds, quote: CallQuote) -> InsufficientQuota:
     what = "your key's remaining budget" if refusal.limited_by == "budget" else "your balance"
     affordable = getattr(refusal, "affordable_tokens", None)
@@ -239,10 +225,11 @@ def _quota_error(refusal: InsufficientFunds, quote: CallQuote) -> InsufficientQu
 
 
 async def open_call(
-    *, call_id: str, grant: KeyGrant, admission: Admission, request: ValidRequest, started: float
+    *, call_id: str, grant: KeyGrant, request: ValidRequest, started: float
 ) -> Call:
-    """Policy, route, prompt estimate and hold: everything that must hold before a byte
-    goes upstream. Raises a GatewayError (and holds nothing) when the call may not go."""
+    """Policy, route, prompt estimate, rate limits and hold: everything that must hold
+    before a byte goes upstream. Raises a GatewayError (and holds nothing) when the call
+    may not go."""
     check_model(grant, request.model)
     route = await resolve_route(request.model)
     if request.max_tokens is not None and request.max_tokens > route.max_output_tokens:
@@ -268,7 +255,7 @@ async def open_call(
         min_reply_tokens=settings.GATEWAY_MIN_REPLY_TOKENS,
     )
     try:
-        admission = await tokens_reserve(grant, admission, quote.worst_case_tokens)
+        admission = await call_admit(grant, quote.worst_case_tokens)
     except LimitExceeded as exceeded:
         raise rate_limited(exceeded) from None
     placing = asyncio.ensure_future(_hold(grant, call_id, quote))
@@ -284,14 +271,16 @@ async def open_call(
         await asyncio.shield(tokens_correct(admission, 0))
         if isinstance(failure, InsufficientFunds):  # CallNotAffordable included
             metrics.REFUSED_FOR_QUOTA.labels(model=request.model).inc()
-            raise _quota_error(failure, quote) from None
+            refusal = _quota_error(failure, quote)
+            refusal.headers.update(admission.headers())
+            raise refusal from None
         if isinstance(failure, DatabaseError):
             # Overload (the pool had no connection to give in time) or a database blip
             # before anything was held or sent: the customer may simply retry.
             logger.exception("call %s: the database did not answer in time", call_id)
             raise ServiceBusy(
                 "real200 is busy right now; nothing was charged. Please retry in a moment.",
-                headers={"Retry-After": "1"},
+                headers={"Retry-After": "1", **admission.headers()},
             ) from None
         raise
     return Call(

@@ -115,16 +115,10 @@ class ChatCompletionsView(OpenAIView):
         try:
             raw = _read_body(request._request)
             grant = await authenticate(request._request)
-            admission = await calls.admit_request(grant)
-            self.rate_headers = admission.headers()
             valid = validate_chat_request(_parse_json(raw))
             model = valid.model
             call = await calls.open_call(
-                call_id=self.request_id,
-                grant=grant,
-                admission=admission,
-                request=valid,
-                started=started,
+                call_id=self.request_id, grant=grant, request=valid, started=started
             )
             self.rate_headers = call.admission.headers()
             response = await (_stream(call) if valid.stream else _complete(call))

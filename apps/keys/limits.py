@@ -5,7 +5,8 @@ Each limit is a fixed window of one clock minute: a counter per key (or organiza
 minute. Requests per minute count every request; tokens per minute are reserved by a call
 (its prompt and the output it may produce) only if they fit, and settlement corrects the
 reservation to what the call really used. Every check is one Lua script, so admitting a
-request is one round trip on the event loop and atomic however many processes race.
+call (its request and its tokens) is one round trip on the event loop and atomic however
+many processes race.
 
 Without Redis (the embedded default: one process) the same counters live in the process.
 If Redis is down, limits fail open: the API keeps serving, each failure is logged and
@@ -216,11 +217,12 @@ def _tpm(grant: KeyGrant) -> int:
     return grant.tpm or settings.KEY_DEFAULT_TPM
 
 
-async def requests_admit(grant: KeyGrant) -> Admission:
-    """Count one request (per key and per organization) and read the key's token count,
-    in one round trip. Raises LimitExceeded (429) when a requests limit is reached."""
-    now = time.time()
-    window, reset = _window(now)
+async def call_admit(grant: KeyGrant, tokens: int) -> Admission:
+    """Count one request (per key and per organization) and reserve `tokens` from the
+    key's tokens per minute, in one round trip. Raises LimitExceeded (429) when a
+    requests limit is reached or the tokens do not fit. The check and the reservation
+    are one step, so two calls racing for the last tokens cannot both be admitted."""
+    window, reset = _window(time.time())
     limits = [
         (rpm, _counter(kind, owner, window))
         for kind, owner, rpm in (
@@ -229,10 +231,11 @@ async def requests_admit(grant: KeyGrant) -> Admission:
         )
         if rpm
     ]
+    tokens_key, tokens_limit = _counter("tpm", grant.id, window), _tpm(grant)
     changes = [(key, 1, ALWAYS) for _rpm, key in limits]
-    changes.append((_counter("tpm", grant.id, window), 0, ALWAYS))
+    changes.append((tokens_key, tokens, tokens_limit))
     try:
-        *requests, (tokens_used, _read) = await counters().add(changes)
+        *requests, (tokens_used, reserved) = await counters().add(changes)
     except Exception as error:  # Redis is down: serve anyway
         _fail_open("requests", error)
         return Admission(requests=None, tokens=None)
@@ -244,40 +247,30 @@ async def requests_admit(grant: KeyGrant) -> Admission:
             exceeded = window_left
         if tightest is None or window_left.remaining < tightest.remaining:
             tightest = window_left
+    tokens_left = Window(
+        limit=tokens_limit, remaining=tokens_limit - tokens_used, reset_seconds=reset
+    )
+    admission = Admission(
+        requests=tightest,
+        tokens=tokens_left,
+        tokens_key=tokens_key if reserved else None,
+        reserved_tokens=tokens if reserved else 0,
+    )
     if exceeded is not None:
+        await tokens_correct(admission, 0)  # the call does not run: its tokens go back
         raise LimitExceeded(
             f"Rate limit reached: {exceeded.limit} requests per minute.",
             Admission(requests=exceeded, tokens=None),
             exceeded.retry_after,
         )
-    limit = _tpm(grant)
-    tokens = Window(limit=limit, remaining=limit - tokens_used, reset_seconds=reset)
-    return Admission(requests=tightest, tokens=tokens)
-
-
-async def tokens_reserve(grant: KeyGrant, admission: Admission, tokens: int) -> Admission:
-    """Reserve `tokens` from the key's tokens per minute, or raise LimitExceeded. The
-    check and the reservation are one step, so two calls racing for the last tokens
-    cannot both be admitted."""
-    window, reset = _window(time.time())
-    key = _counter("tpm", grant.id, window)
-    limit = _tpm(grant)
-    try:
-        [(used, reserved)] = await counters().add([(key, tokens, limit)])
-    except Exception as error:
-        _fail_open("tokens", error)
-        return admission
-    left = Window(limit=limit, remaining=limit - used, reset_seconds=reset)
     if not reserved and tokens > 0:
         raise LimitExceeded(
-            f"Rate limit reached: {limit} tokens per minute; this call needs up to "
+            f"Rate limit reached: {tokens_limit} tokens per minute; this call needs up to "
             f"{tokens}. Lower max_tokens or retry later.",
-            Admission(requests=admission.requests, tokens=left),
-            left.retry_after,
+            Admission(requests=tightest, tokens=tokens_left),
+            tokens_left.retry_after,
         )
-    return Admission(
-        requests=admission.requests, tokens=left, tokens_key=key, reserved_tokens=tokens
-    )
+    return admission
 
 
 async def tokens_correct(admission: Admission, used_tokens: int) -> None:
