@@ -67,14 +67,37 @@ async def fetch_one(sql: str, params: Mapping[str, Any]) -> tuple | None:
     """Run one statement on this event loop's async connection pool, as its own
     transaction (autocommit, as Django runs a statement outside `atomic`), and return its
     first row. Errors are raised as Django's database errors, so callers handle them as
-    they would the ORM's."""
+    they would the ORM's.
+
+    A connection stays in use until the loop gets round to its answer, which takes a busy
+    loop several passes: under a burst of new calls (1,000 streams opened within a second)
+    every connection can be in use. The statement then runs in a worker thread on Django's
+    pool instead of queueing for one (where it would wait for the loop's passes again).
+    """
     try:
         pool = await _loop_pool()
+        if _in_use(pool):
+            return await db_step(_fetch_one_in_thread, sql, params)
         async with pool.connection() as conn:
             cursor = await conn.execute(sql, params)
             return await cursor.fetchone()
     except psycopg.Error as error:  # PoolTimeout included
         raise _as_django_error(error) from error
+
+
+def _in_use(pool: AsyncConnectionPool) -> bool:
+    """Whether no connection is free and none can be had without queueing: the pool is
+    at its size limit, or others already wait for the connections it is opening."""
+    stats = pool.get_stats()
+    if stats["pool_available"]:
+        return False
+    return stats["pool_size"] >= stats["pool_max"] or stats.get("requests_waiting", 0) > 0
+
+
+def _fetch_one_in_thread(sql: str, params: Mapping[str, Any]) -> tuple | None:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()
 
 
 async def fetch_pools_close() -> None:

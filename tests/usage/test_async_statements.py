@@ -179,3 +179,22 @@ def test_key_use_is_written_at_most_once_a_minute(funded_org, api_key, price):
             ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=None)
     assert first is not None
     assert ApiKey.objects.get(pk=api_key.pk).last_used_at is None  # not written again
+
+
+def test_a_statement_runs_in_a_thread_while_every_async_connection_is_taken(settings):
+    """A burst of calls on a busy loop can take every connection of the loop's pool: a
+    statement then runs on Django's pool in a worker thread rather than queue."""
+    settings.DB_ASYNC_POOL_MIN = settings.DB_ASYNC_POOL_MAX = 1
+    who = "SELECT current_setting('application_name')"
+
+    async def with_the_pool_taken() -> tuple[tuple, tuple]:
+        pool = await asyncdb._loop_pool()
+        await pool.wait(timeout=5)  # its connection is open
+        free = await asyncdb.fetch_one(who, {})
+        async with pool.connection():  # its only connection
+            taken = await asyncio.wait_for(asyncdb.fetch_one(who, {}), timeout=5)
+        return free, taken
+
+    free, taken = run(with_the_pool_taken())
+    assert free == ("real200 async",)
+    assert taken != ("real200 async",)
