@@ -120,12 +120,15 @@ async def _loop_pool() -> AsyncConnectionPool:
     if pool is None:
         for stale in [old for old in _pools if old.is_closed()]:
             del _pools[stale]
-        params = connections["default"].get_connection_params()
-        params.pop("cursor_factory")  # Django's is a sync cursor
-        # Django turns prepared statements off (for poolers such as PgBouncer); these two
-        # statements, run on every call, are the ones worth preparing: a quarter less of
-        # PostgreSQL's CPU per call. psycopg prepares a statement on its fifth run.
-        params.pop("prepare_threshold")
+        database = connections["default"]
+        params = database.get_connection_params()
+        params.pop("cursor_factory", None)  # Django's is a sync cursor
+        # Django turns prepared statements off unless OPTIONS sets `prepare_threshold`
+        # (poolers such as PgBouncer < 1.21 cannot keep them). The two statements run on
+        # every call are the ones worth preparing: a quarter less of PostgreSQL's CPU per
+        # call. Unless told otherwise, psycopg prepares a statement on its fifth run.
+        if "prepare_threshold" not in database.settings_dict["OPTIONS"]:
+            params.pop("prepare_threshold", None)
         params.setdefault("application_name", "real200 async")
         pool = _pools[loop] = AsyncConnectionPool(
             kwargs={**params, "autocommit": True},

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import pytest
-from django.db import IntegrityError, ProgrammingError, connection
+from django.db import IntegrityError, ProgrammingError, connection, connections
 from django.utils import timezone
 
 from apps.billing.models import Account, AccountKind, Hold, HoldStatus, Transfer
@@ -198,3 +198,20 @@ def test_a_statement_runs_in_a_thread_while_every_async_connection_is_taken(sett
     free, taken = run(with_the_pool_taken())
     assert free == ("real200 async",)
     assert taken != ("real200 async",)
+
+
+@pytest.mark.parametrize(("options", "threshold"), [({}, 5), ({"prepare_threshold": None}, None)])
+def test_statements_are_prepared_unless_the_database_options_say_not(
+    monkeypatch, options, threshold
+):
+    """Prepared by default (a quarter of PostgreSQL's CPU per call); an operator behind a
+    pooler that cannot keep them sets OPTIONS prepare_threshold=None, and it holds here."""
+    for name, value in options.items():
+        monkeypatch.setitem(connections["default"].settings_dict["OPTIONS"], name, value)
+
+    async def a_connections_threshold() -> int | None:
+        pool = await asyncdb._loop_pool()
+        async with pool.connection() as conn:
+            return conn.prepare_threshold
+
+    assert run(a_connections_threshold()) == threshold
