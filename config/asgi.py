@@ -49,6 +49,7 @@ class ApiHandler(ASGIHandler):
             request, error_response = self.create_request(scope, body_file)
             if request is None:
                 await self.send_response(error_response, send)
+                error_response.close()
                 return
             response = await self._respond_unless_disconnected(request, receive, send)
             if response is not None:

@@ -140,7 +140,8 @@ async def _loop_pool() -> AsyncConnectionPool:
             open=False,
             name="real200-async",
         )
-    await pool.open()  # a no-op once open
+    if pool.closed:  # new, or being opened by the first caller: opening twice is harmless
+        await pool.open()
     return pool
 
 

@@ -318,6 +318,15 @@ class CallQuote:
         """Prompt and the most output the call may produce: what tokens-per-minute counts."""
         return self.prompt_tokens + (self.max_tokens or self.output_cap) * self.n
 
+    def cost_with(self, output_tokens: int) -> Nano:
+        """What the prompt and `output_tokens` of output for each of the `n` choices cost."""
+        return call_cost_nano(
+            prompt_tokens=self.prompt_tokens,
+            cached_tokens=0,
+            completion_tokens=output_tokens * self.n,
+            rates=self.rates,
+        )
+
 
 class CallNotAffordable(InsufficientFunds):
     """The money does not cover the call; `affordable_tokens` says what it would cover."""
@@ -346,13 +355,12 @@ def hold_place_for_call(
     statement (see `_HOLD_IF_COVERED`). A call the money may not cover takes the careful
     path, which reads the balance and works out what it affords.
     """
-    full_tokens, full_cost = _full_hold(quote)
-    fields = _hold_fields(account_id, key, request_id, expires_at)
+    worst = _WorstCase.of(account_id, key, request_id, expires_at, quote)
     if not _budgeted(key) and connection.vendor == "postgresql":
-        hold = _hold_if_covered(amount_nano=full_cost, **fields)
+        hold = _hold_if_covered(worst)
         if hold is not None:
-            return hold, full_tokens
-    return _hold_carefully(key=key, quote=quote, fields=fields)
+            return hold, worst.tokens
+    return _hold_carefully(key=key, quote=quote, worst=worst)
 
 
 async def hold_place_for_call_async(
@@ -378,123 +386,99 @@ async def hold_place_for_call_async(
             expires_at=expires_at,
             quote=quote,
         )
-    full_tokens, full_cost = _full_hold(quote)
-    fields = _hold_fields(account_id, key, request_id, expires_at)
+    worst = _WorstCase.of(account_id, key, request_id, expires_at, quote)
     now = timezone.now()
-    row = await fetch_one(_HOLD_IF_COVERED, _hold_params(amount_nano=full_cost, now=now, **fields))
+    row = await fetch_one(_HOLD_IF_COVERED, worst.params(now))
     if row is not None:
-        return _held(row, amount_nano=full_cost, now=now, **fields), full_tokens
-    return await db_step(_hold_carefully, key=key, quote=quote, fields=fields)
-
-
-def _full_hold(quote: CallQuote) -> tuple[int, Nano]:
-    """The output a call runs with if the money covers it all, and that worst case's cost."""
-    full_tokens = quote.max_tokens or quote.output_cap
-    full_cost = call_cost_nano(
-        prompt_tokens=quote.prompt_tokens,
-        cached_tokens=0,
-        completion_tokens=full_tokens * quote.n,
-        rates=quote.rates,
-    )
-    return full_tokens, full_cost
+        return worst.placed(row[0], now), worst.tokens
+    return await db_step(_hold_carefully, key=key, quote=quote, worst=worst)
 
 
 def _budgeted(key: KeyBudget | None) -> bool:
     return key is not None and key.budget_nano is not None
 
 
-def _hold_fields(
-    account_id: int, key: KeyBudget | None, request_id: str, expires_at: datetime
-) -> dict:
-    return {
-        "account_id": account_id,
-        "key_id": key.key_id if key else None,
-        "request_id": request_id,
-        "expires_at": expires_at,
-    }
+@dataclass(frozen=True, slots=True)
+class _WorstCase:
+    """A call's whole worst case, to be held: for whom, and how much."""
+
+    account_id: int
+    key_id: int | None
+    request_id: str
+    expires_at: datetime
+    tokens: int  # the output the call runs with if the money covers it all
+    amount_nano: Nano  # the cost of the prompt and that output
+
+    @classmethod
+    def of(
+        cls,
+        account_id: int,
+        key: KeyBudget | None,
+        request_id: str,
+        expires_at: datetime,
+        quote: CallQuote,
+    ) -> _WorstCase:
+        tokens = quote.max_tokens or quote.output_cap
+        key_id = key.key_id if key else None
+        return cls(account_id, key_id, request_id, expires_at, tokens, quote.cost_with(tokens))
+
+    def params(self, now: datetime) -> dict:
+        """The parameters of `_HOLD_IF_COVERED`."""
+        return {
+            "account": self.account_id,
+            "key": self.key_id,
+            "request": self.request_id,
+            "amount": self.amount_nano,
+            "now": now,
+            "expires": self.expires_at,
+            "open": HoldStatus.OPEN.value,
+        }
+
+    def placed(self, hold_id: int, now: datetime) -> Hold:
+        """The Hold that `_HOLD_IF_COVERED` inserted, from the id it returned."""
+        hold = Hold(
+            id=hold_id,
+            account_id=self.account_id,
+            api_key_id=self.key_id,
+            request_id=self.request_id,
+            amount_nano=self.amount_nano,
+            status=HoldStatus.OPEN,
+            created_at=now,
+            expires_at=self.expires_at,
+        )
+        hold._state.adding = False  # it is in the database: saving it would update it
+        return hold
 
 
-def _hold_carefully(*, key: KeyBudget | None, quote: CallQuote, fields: dict) -> tuple[Hold, int]:
+def _hold_carefully(
+    *, key: KeyBudget | None, quote: CallQuote, worst: _WorstCase
+) -> tuple[Hold, int]:
     """What `hold_place_for_call` does when the one statement did not hold the call (or
     cannot be used): in a transaction, check the key's budget, then hold the whole worst
     case if it fits or work out what the money affords."""
-    full_tokens, full_cost = _full_hold(quote)
     with transaction.atomic():
         budget_left = _key_budget_left_nano(key) if _budgeted(key) else None
-        covered = budget_left is not None and budget_left >= full_cost
+        covered = budget_left is not None and budget_left >= worst.amount_nano
         if covered and connection.vendor == "postgresql":
-            hold = _hold_if_covered(amount_nano=full_cost, **fields)
+            hold = _hold_if_covered(worst)
             if hold is not None:
-                return hold, full_tokens
-        return _hold_what_is_affordable(quote=quote, budget_left=budget_left, **fields)
+                return hold, worst.tokens
+        return _hold_what_is_affordable(worst=worst, quote=quote, budget_left=budget_left)
 
 
-def _hold_if_covered(
-    *, account_id: int, key_id: int | None, request_id: str, amount_nano: Nano, expires_at: datetime
-) -> Hold | None:
-    """On PostgreSQL, hold `amount_nano` if the spendable balance covers it, in one
+def _hold_if_covered(worst: _WorstCase) -> Hold | None:
+    """On PostgreSQL, hold the worst case if the spendable balance covers it, in one
     statement (`_HOLD_IF_COVERED`); None when it does not.
 
     One statement, because the customer's row is the one every call of the organization
     locks: locked by a statement, it is free again as soon as the statement ends, instead
     of waiting for the process to send the next one and commit.
     """
-    fields = {"account_id": account_id, "key_id": key_id, "request_id": request_id}
     now = timezone.now()
     with connection.cursor() as cursor:
-        cursor.execute(
-            _HOLD_IF_COVERED,
-            _hold_params(amount_nano=amount_nano, now=now, expires_at=expires_at, **fields),
-        )
+        cursor.execute(_HOLD_IF_COVERED, worst.params(now))
         row = cursor.fetchone()
-    if row is None:
-        return None
-    return _held(row, amount_nano=amount_nano, now=now, expires_at=expires_at, **fields)
-
-
-def _hold_params(
-    *,
-    account_id: int,
-    key_id: int | None,
-    request_id: str,
-    amount_nano: Nano,
-    expires_at: datetime,
-    now: datetime,
-) -> dict:
-    return {
-        "account": account_id,
-        "key": key_id,
-        "request": request_id,
-        "amount": amount_nano,
-        "now": now,
-        "expires": expires_at,
-        "open": HoldStatus.OPEN.value,
-    }
-
-
-def _held(
-    row: tuple,
-    *,
-    account_id: int,
-    key_id: int | None,
-    request_id: str,
-    amount_nano: Nano,
-    expires_at: datetime,
-    now: datetime,
-) -> Hold:
-    """The Hold that `_HOLD_IF_COVERED` inserted, from the id it returned."""
-    hold = Hold(
-        id=row[0],
-        account_id=account_id,
-        api_key_id=key_id,
-        request_id=request_id,
-        amount_nano=amount_nano,
-        status=HoldStatus.OPEN,
-        created_at=now,
-        expires_at=expires_at,
-    )
-    hold._state.adding = False  # it is in the database: saving it would update, not insert
-    return hold
+    return worst.placed(row[0], now) if row is not None else None
 
 
 # The conditional reservation of `_open_hold` and the hold's row, in one statement.
@@ -513,17 +497,11 @@ RETURNING id
 
 
 def _hold_what_is_affordable(
-    *,
-    account_id: int,
-    key_id: int | None,
-    request_id: str,
-    expires_at: datetime,
-    quote: CallQuote,
-    budget_left: Nano | None,
+    *, worst: _WorstCase, quote: CallQuote, budget_left: Nano | None
 ) -> tuple[Hold, int]:
     """The careful path of `hold_place_for_call`, inside its transaction: read what the
     balance (and the budget) affords, cap the call there or refuse it."""
-    available = Account.objects.get(pk=account_id).available_nano
+    available = Account.objects.get(pk=worst.account_id).available_nano
     limited_by = "balance"
     if budget_left is not None and budget_left < available:
         available, limited_by = max(budget_left, 0), "budget"
@@ -538,25 +516,20 @@ def _hold_what_is_affordable(
         wanted = min(quote.output_cap, affordable)
         if wanted < quote.min_reply_tokens:
             wanted = quote.min_reply_tokens  # quoted below, and refused
-    worst = call_cost_nano(
-        prompt_tokens=quote.prompt_tokens,
-        cached_tokens=0,
-        completion_tokens=wanted * quote.n,
-        rates=quote.rates,
-    )
-    if worst > available:
+    cost = quote.cost_with(wanted)
+    if cost > available:
         raise CallNotAffordable(
             available_nano=available,
-            needed_nano=worst,
+            needed_nano=cost,
             limited_by=limited_by,
             affordable_tokens=min(affordable, quote.output_cap),
         )
     hold = _open_hold(
-        account_id=account_id,
-        key_id=key_id,
-        request_id=request_id,
-        amount_nano=worst,
-        expires_at=expires_at,
+        account_id=worst.account_id,
+        key_id=worst.key_id,
+        request_id=worst.request_id,
+        amount_nano=cost,
+        expires_at=worst.expires_at,
         available_nano=available,
     )
     return hold, wanted
