@@ -14,7 +14,8 @@ line is ``{"event": "result", ...}``.
 
 Modes:
   loop  ``concurrency`` connections, each sending requests back to back until
-        ``duration`` seconds have passed or ``max_requests`` requests were sent;
+        ``duration`` seconds have passed or ``max_requests`` requests were sent; their
+        first requests go out together, or spread evenly over ``spread`` seconds;
   hold  ``concurrency`` requests (streams), one per connection, all sent within ``ramp``
         seconds (default 1), each held to its end.
 Everything stops by ``deadline`` seconds after the start, whatever the server does.
@@ -357,8 +358,9 @@ class Load:
         connection.close()
 
     async def loop_worker(
-        self, connection: Connection | None, payload: bytes, stop_at: float
+        self, connection: Connection | None, payload: bytes, stop_at: float, delay: float
     ) -> None:
+        await asyncio.sleep(delay)
         limit = self.spec.get("max_requests")
         while time.monotonic() < stop_at and (limit is None or self.issued < limit):
             self.issued += 1
@@ -399,8 +401,10 @@ class Load:
         hard_stop = started + spec["deadline"]
         if mode == "loop":
             stop_at = self.window_end = started + spec["duration"]
+            gap = spec.get("spread", 0.0) / concurrency
             workers = [
-                self.loop_worker(c, self.payload(i), stop_at) for i, c in enumerate(connections)
+                self.loop_worker(c, self.payload(i), stop_at, i * gap)
+                for i, c in enumerate(connections)
             ]
             reporter = None
         else:
