@@ -405,3 +405,13 @@ async def test_an_error_event_mid_stream_fails(fake, client) -> None:
 
     with pytest.raises(UpstreamFailed, match="fake failure mid-stream"):
         await collect(provider.stream(chat(stream=True), upstream_for(fake), client))
+
+
+async def test_a_stream_may_last_longer_than_its_chunk_timeout(fake, client) -> None:
+    # The timeout is between two chunks, not over the whole stream.
+    fake.configure(tokens=6, pace=0.15)
+    upstream = upstream_for(fake, first_byte_timeout=5, chunk_timeout=0.4)
+
+    events = await collect(provider.stream(chat(stream=True), upstream, client))
+
+    assert "".join(event.text for event in chunks(events)) == text_for(6)

@@ -57,7 +57,7 @@ class AnthropicProvider:
         body = {**_anthropic_body(request, upstream), "stream": True}
         translator = _StreamTranslator()
         async with _http.post(client, upstream, _url(upstream), body, _headers(upstream)) as r:
-            async for data in _http.sse_data(r):
+            async for data in _http.sse_data(r, upstream.chunk_timeout):
                 for event in translator.feed(_http.parse_json(data)):
                     yield event
                 if translator.stopped:

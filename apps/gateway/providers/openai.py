@@ -53,7 +53,7 @@ class OpenAIProvider:
             body.pop("stream_options", None)
         finished = False
         async with _http.post(client, upstream, _url(upstream), body, _headers(upstream)) as r:
-            async for data in _http.sse_data(r):
+            async for data in _http.sse_data(r, upstream.chunk_timeout):
                 if data == b"[DONE]":
                     return
                 chunk = _http.parse_json(data)
