@@ -100,10 +100,10 @@ api = ApiHandler()
 
 
 async def lifespan(receive, send) -> None:
-    """Start-up needs nothing; at shutdown, close this process's pooled clients (the
+    """Start-up needs nothing. At shutdown, let the settlements of ended streams finish, then close this process's pooled clients (the
     upstreams', the rate limiter's, the database's async one) instead of leaving their
     sockets to the exit."""
-    from apps.gateway.calls import upstream_clients_close
+    from apps.gateway.calls import stream_settlements_finish, upstream_clients_close
     from apps.keys.limits import counters_close
     from config.asyncdb import fetch_pools_close
 
@@ -112,6 +112,7 @@ async def lifespan(receive, send) -> None:
         if message["type"] == "lifespan.startup":
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
+            await stream_settlements_finish()
             await upstream_clients_close()
             await counters_close()
             await fetch_pools_close()

@@ -204,9 +204,9 @@ async def _stream(call: calls.Call) -> HttpResponse:
 async def _relay(call: calls.Call, first, events: AsyncIterator) -> AsyncIterator[bytes]:
     """The SSE body: each upstream chunk as it arrives, then usage if asked, then [DONE].
 
-    Settlement happens in `finally`, shielded: whether the stream ends, the upstream
-    fails, or the client goes away (CancelledError at the current await), the call is
-    billed exactly once, and the upstream connection is closed at once.
+    Settlement starts in `finally`, in a task of its own: whether the stream ends, the
+    upstream fails, or the client goes away (CancelledError at the current await), the
+    call is billed exactly once, and the upstream connection is closed at once.
     """
     writer = calls.StreamWriter(call)
     deadline = call.started + settings.GATEWAY_MAX_CALL_SECONDS
@@ -228,9 +228,8 @@ async def _relay(call: calls.Call, first, events: AsyncIterator) -> AsyncIterato
         # The answer is complete: a client that leaves during the last two events is not a
         # cut-short call, and is billed what the usage chunk (if asked for) told it.
         upstream_done = True
-        if call.request.include_usage:
-            yield writer.usage_chunk()
-        yield calls.DONE
+        # One write for the last two events: the client is woken once, not twice.
+        yield writer.usage_chunk() + calls.DONE if call.request.include_usage else calls.DONE
     except UpstreamFailed as error:
         yield sse_error_event(calls.upstream_failure(call, error))
     except asyncio.CancelledError:
@@ -238,12 +237,7 @@ async def _relay(call: calls.Call, first, events: AsyncIterator) -> AsyncIterato
             call.end_reason = EndReason.CLIENT_GONE
         raise
     finally:
-        await asyncio.shield(_close_and_settle(call, events))
-
-
-async def _close_and_settle(call: calls.Call, events) -> None:
-    await events.aclose()
-    await calls.settle(call)
+        calls.settle_after_stream(call, events)
 
 
 class ModelListView(OpenAIView):

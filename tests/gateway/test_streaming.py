@@ -3,18 +3,23 @@ delivery, usage, and what is billed when the client or the upstream gives up hal
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
 import orjson
+import psycopg
 import pytest
+from psycopg import sql
 
+from apps.billing.models import Account
 from apps.gateway.tokens import count_prompt_tokens, count_text_tokens
 from apps.usage.models import EndReason, UsageSource
 from tests.fakes import text_for
-from tests.gateway.conftest import cost_of, sse_events
+from tests.gateway.conftest import Live, cost_of, sse_events
 from tests.gateway.test_completions import PARIS, WEATHER_TOOL
 from tests.openapi import assert_valid
+from tests.servers import asgi_in_thread, database_url_for_subprocess
 
 pytestmark = pytest.mark.postgres
 
@@ -434,3 +439,53 @@ def test_a_client_that_leaves_while_its_hold_is_placed_gets_the_money_back_at_on
     assert live.balance_nano() == before
     assert len(live.upstream.calls) == 1  # the warm-up's: nothing more went upstream
     assert len(live.records()) == 1
+
+
+def stream_and_lock_the_books(live: Live, url: str, books: psycopg.Connection) -> list[str]:
+    """Stream a call to `url`; once its first chunk is in (its hold placed), lock the
+    organization's account row in the transaction of `books`, so that the call's
+    settlement waits until that transaction ends; read the rest of the stream. Returns the
+    lines read after the first chunk."""
+    live.upstream.configure(tokens=3, pace=0.1)
+    lock = sql.SQL("SELECT 1 FROM {} WHERE id = %s FOR UPDATE").format(
+        sql.Identifier(Account._meta.db_table)
+    )
+    headers = {"Authorization": f"Bearer {live.key}"}
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=streamed(), headers=headers, timeout=30
+    ) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: {"))
+        books.execute(lock, [live.account().pk])
+        return [line for line in lines if line]
+
+
+def test_a_stream_ends_for_its_client_before_the_books_are_written(live):
+    """The settlement of a stream that ran to its end is written after the last byte: a
+    client does not wait for a round trip to the books (several under load)."""
+    with psycopg.connect(database_url_for_subprocess()) as books:
+        rest = stream_and_lock_the_books(live, live.url, books)
+        assert rest[-1] == "data: [DONE]"
+        time.sleep(0.2)
+        assert live.records() == []  # waiting for the account row
+        assert live.held_nano() > 0
+        books.rollback()
+    (record,) = live.wait_settled()
+    assert record.end_reason == EndReason.DONE
+    assert record.completion_tokens == tokens(3)
+
+
+def test_a_server_that_stops_settles_its_ended_streams_first(live):
+    from config.asgi import application
+
+    with psycopg.connect(database_url_for_subprocess()) as books:
+        with asgi_in_thread(application, name="real200-stopping") as url:
+            rest = stream_and_lock_the_books(live, url, books)
+            assert rest[-1] == "data: [DONE]"
+            threading.Timer(0.5, books.rollback).start()
+            stopping = time.monotonic()
+        # Leaving `asgi_in_thread` stopped the server, which waited for the settlement.
+        assert time.monotonic() - stopping >= 0.4
+    (record,) = live.records()
+    assert record.end_reason == EndReason.DONE
+    assert live.held_nano() == 0
