@@ -8,6 +8,7 @@ chain is settings.API_MIDDLEWARE; both share the URLconf, the settings and the p
 
 import asyncio
 import contextlib
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -100,7 +101,8 @@ api = ApiHandler()
 
 
 async def lifespan(receive, send) -> None:
-    """Start-up needs nothing. At shutdown, let the settlements of ended streams finish, then close this process's pooled clients (the
+    """At start-up, exempt what is loaded from the garbage collector. At shutdown, let
+    the settlements of ended streams finish, then close this process's pooled clients (the
     upstreams', the rate limiter's, the database's async one) instead of leaving their
     sockets to the exit."""
     from apps.gateway.calls import stream_settlements_finish, upstream_clients_close
@@ -110,6 +112,10 @@ async def lifespan(receive, send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            # Django, the apps and their libraries are a hundred thousand objects that live
+            # as long as the process. Each full pass of the cyclic collector walked them
+            # all: 45 ms during which no stream moved. Frozen, they are never walked again.
+            gc.freeze()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await stream_settlements_finish()
