@@ -102,10 +102,10 @@ api = ApiHandler()
 
 async def lifespan(receive, send) -> None:
     """At start-up, exempt what is loaded from the garbage collector. At shutdown, let
-    the settlements of ended streams finish, then close this process's pooled clients (the
-    upstreams', the rate limiter's, the database's async one) instead of leaving their
-    sockets to the exit."""
-    from apps.gateway.calls import stream_settlements_finish, upstream_clients_close
+    the settlements that outlive their responses finish, then close this process's pooled
+    clients (the upstreams', the rate limiter's, the database's async one) instead of
+    leaving their sockets to the exit."""
+    from apps.gateway.calls import late_settlements_finish, upstream_clients_close
     from apps.keys.limits import counters_close
     from config.asyncdb import fetch_pools_close
 
@@ -118,7 +118,7 @@ async def lifespan(receive, send) -> None:
             gc.freeze()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
-            await stream_settlements_finish()
+            await late_settlements_finish()
             await upstream_clients_close()
             await counters_close()
             await fetch_pools_close()

@@ -14,7 +14,7 @@ import logging
 import secrets
 import string
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import Any
@@ -107,6 +107,8 @@ class Call:
     created: int = field(default_factory=lambda: int(time.time()))
     channel: ChannelRoute | None = None
     accepted: bool = False  # the upstream accepted the request: it may bill us
+    answered: bool = False  # the upstream's whole non-streamed answer is in
+    client_left: bool = False  # our client went away before its answer was in
     first_token_at: float | None = None
     generated: list[str] = field(default_factory=list)  # text delivered, for local counting
     usage: Usage | None = None  # the upstream's own count, last value wins
@@ -114,6 +116,12 @@ class Call:
     status_code: int = 200
     settled: bool = False
     billed: Usage | None = None  # what billed_usage decided, once the answer was complete
+
+    @property
+    def usage_is_final(self) -> bool:
+        """The upstream's usage counts the whole answer: the stream ran to its end, or the
+        whole non-streamed answer came back (to a client that may have left meanwhile)."""
+        return self.usage is not None and (self.end_reason == EndReason.DONE or self.answered)
 
     @property
     def chat(self) -> ChatRequest:
@@ -368,6 +376,8 @@ async def complete(call: Call) -> Completion:
     been processed upstream."""
     errors: list[UpstreamError] = []
     for channel in call.channels:
+        if call.client_left:
+            break  # nobody is waiting for an answer: no new upstream call
         call.channel = channel
         try:
             completion = await get_provider(channel.kind).complete(
@@ -386,7 +396,7 @@ async def complete(call: Call) -> Completion:
             failure = upstream_failure(call, error)
             call.status_code = failure.status
             raise failure from None
-        call.accepted = True
+        call.accepted = call.answered = True
         call.first_token_at = time.monotonic()
         call.usage = completion.usage
         if completion.usage is None:
@@ -549,7 +559,7 @@ def billed_usage(call: Call) -> Usage:
 
 
 def _billed_usage(call: Call) -> Usage:
-    if call.usage is not None and call.end_reason == EndReason.DONE:
+    if call.usage_is_final:
         allowed = call.max_tokens * call.request.n
         if call.usage.completion_tokens > allowed:
             return replace(call.usage, completion_tokens=allowed)
@@ -574,7 +584,6 @@ def _billed_usage(call: Call) -> Usage:
 
 def _outcome(call: Call, usage: Usage) -> CallOutcome:
     now = time.monotonic()
-    from_upstream = call.usage is not None and call.end_reason == EndReason.DONE
     return CallOutcome(
         request_id=call.id,
         organization_id=call.grant.organization_id,
@@ -585,7 +594,7 @@ def _outcome(call: Call, usage: Usage) -> CallOutcome:
         prompt_tokens=usage.prompt_tokens,
         cached_tokens=usage.cached_tokens,
         completion_tokens=usage.completion_tokens,
-        usage_source=UsageSource.UPSTREAM if from_upstream else UsageSource.ESTIMATED,
+        usage_source=UsageSource.UPSTREAM if call.usage_is_final else UsageSource.ESTIMATED,
         end_reason=call.end_reason,
         status_code=call.status_code,
         is_stream=call.request.stream,
@@ -616,9 +625,15 @@ async def settle(call: Call) -> None:
     metrics.observe_call(outcome, record.charged_nano if record else 0)
 
 
-# The settlements of streams whose response has ended: asyncio keeps only weak references
-# to tasks, so they are kept here until done.
-_stream_settlements: set[asyncio.Task] = set()
+# Settlements that outlive their response: asyncio keeps only weak references to tasks,
+# so they are kept here until done.
+_late_settlements: set[asyncio.Task] = set()
+
+
+def _settle_in_background(settling: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(settling)
+    _late_settlements.add(task)
+    task.add_done_callback(_late_settlements.discard)
 
 
 def settle_after_stream(call: Call, events: AsyncIterator[StreamEvent]) -> None:
@@ -626,9 +641,7 @@ def settle_after_stream(call: Call, events: AsyncIterator[StreamEvent]) -> None:
     customer's response ends with its last event instead of after a round trip to the
     books (several under load). The task starts at once: the upstream hears no later than
     the next turn of the event loop that nobody listens any more."""
-    task = asyncio.get_running_loop().create_task(_close_and_settle(call, events))
-    _stream_settlements.add(task)
-    task.add_done_callback(_stream_settlements.discard)
+    _settle_in_background(_close_and_settle(call, events))
 
 
 async def _close_and_settle(call: Call, events: AsyncIterator[StreamEvent]) -> None:
@@ -638,11 +651,36 @@ async def _close_and_settle(call: Call, events: AsyncIterator[StreamEvent]) -> N
         await settle(call)
 
 
-async def stream_settlements_finish() -> None:
-    """Wait for this event loop's stream settlements still running: at the server's
-    shutdown, before the pools they use are closed, so that none goes unbilled."""
+def settle_when_answered(call: Call, answering: asyncio.Future[Completion]) -> None:
+    """Our client left a non-streamed call while the upstream was answering it.
+
+    A non-streamed answer's usage is known only at its end, and hosted upstreams bill a
+    call in full whether or not its caller stays: closing the upstream call would make it
+    free to the customer and a loss to the operator (and a way to have the operator pay
+    for answers nobody is charged for). So the upstream call goes on, in a task of its
+    own, and what it reports is billed, with the end reason `client_gone`. No other
+    channel is tried for a client that has left."""
+    call.client_left = True
+    call.status_code = 499
+    _settle_in_background(_settle_when_answered(call, answering))
+
+
+async def _settle_when_answered(call: Call, answering: asyncio.Future[Completion]) -> None:
+    try:
+        await answering
+    except GatewayError:
+        pass  # the upstream failed: `complete` noted how, and nothing is billed for it
+    else:
+        call.end_reason = EndReason.CLIENT_GONE
+    call.status_code = 499
+    await settle(call)
+
+
+async def late_settlements_finish() -> None:
+    """Wait for this event loop's settlements still running: at the server's shutdown,
+    before the pools they use are closed, so that none goes unbilled."""
     loop = asyncio.get_running_loop()
-    while running := [task for task in _stream_settlements if task.get_loop() is loop]:
+    while running := [task for task in _late_settlements if task.get_loop() is loop]:
         await asyncio.wait(running)
 
 

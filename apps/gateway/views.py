@@ -6,8 +6,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import orjson
 from adrf.views import APIView
@@ -29,13 +28,12 @@ from apps.gateway.errors import (
     UpstreamTimeout,
     sse_error_event,
 )
-from apps.gateway.providers.base import UpstreamFailed
+from apps.gateway.providers.base import StreamEvent, UpstreamFailed
 from apps.gateway.validation import validate_chat_request
 from apps.keys.selectors import KeyGrant, key_authenticate
 from apps.usage.models import EndReason
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def client_ip(request: HttpRequest) -> str:
@@ -158,12 +156,12 @@ def _parse_json(raw: bytes) -> object:
         ) from None
 
 
-async def _forward(call: calls.Call, forward: Callable[[calls.Call], Awaitable[T]]) -> T:
-    """Run the upstream part of a call. A failure before anything reached the client is
-    settled (nothing or only what was delivered is billed) and raised as the answer; a
-    client that leaves meanwhile is settled too, then the cancellation goes on."""
+async def _open_stream(call: calls.Call) -> tuple[StreamEvent, AsyncIterator[StreamEvent]]:
+    """Start the upstream's stream. A failure before anything reached the client is
+    settled (nothing is billed) and raised as the answer; a client that leaves meanwhile
+    is settled too (the upstream is closed at once), then the cancellation goes on."""
     try:
-        return await forward(call)
+        return await calls.open_stream(call)
     except GatewayError:
         await asyncio.shield(calls.settle(call))
         raise
@@ -175,7 +173,17 @@ async def _forward(call: calls.Call, forward: Callable[[calls.Call], Awaitable[T
 
 
 async def _complete(call: calls.Call) -> HttpResponse:
-    completion = await _forward(call, calls.complete)
+    # The upstream call runs in a task of its own: if our client leaves, it goes on
+    # (the upstream bills us for it anyway) and is settled once answered.
+    answering = asyncio.ensure_future(calls.complete(call))
+    try:
+        completion = await asyncio.shield(answering)
+    except GatewayError:
+        await asyncio.shield(calls.settle(call))
+        raise
+    except asyncio.CancelledError:
+        calls.settle_when_answered(call, answering)
+        raise
     body = calls.completion_body(call, completion)
     await asyncio.shield(calls.settle(call))
     return HttpResponse(orjson.dumps(body), content_type="application/json")
@@ -191,7 +199,7 @@ class EventStream(StreamingHttpResponse):
 
 
 async def _stream(call: calls.Call) -> HttpResponse:
-    first, events = await _forward(call, calls.open_stream)
+    first, events = await _open_stream(call)
     response = EventStream(
         _relay(call, first, events), content_type="text/event-stream; charset=utf-8"
     )
@@ -201,7 +209,9 @@ async def _stream(call: calls.Call) -> HttpResponse:
     return response
 
 
-async def _relay(call: calls.Call, first, events: AsyncIterator) -> AsyncIterator[bytes]:
+async def _relay(
+    call: calls.Call, first: StreamEvent, events: AsyncIterator[StreamEvent]
+) -> AsyncIterator[bytes]:
     """The SSE body: each upstream chunk as it arrives, then usage if asked, then [DONE].
 
     Settlement starts in `finally`, in a task of its own: whether the stream ends, the

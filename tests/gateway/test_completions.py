@@ -216,17 +216,38 @@ def test_an_anthropic_tool_call_comes_back_as_an_openai_tool_call(live, claude):
     assert sent["tool_choice"] == {"type": "any"}
 
 
-def test_a_client_that_gives_up_on_a_whole_answer_closes_the_upstream_call(live):
-    live.upstream.configure(tokens=50, pace=0.05)  # a whole answer in 2.5 s
+def test_a_client_that_gives_up_on_a_whole_answer_pays_for_the_answer_made_for_it(live):
+    """The upstream bills a non-streamed call whether or not its caller stays; its usage is
+    known only with the whole answer. So real200 waits for that answer after its client
+    has gone, and bills what the upstream reports."""
+    count_prompt_tokens(MESSAGES, "gpt-4o")  # the vocabulary loaded: the call opens at once
+    live.upstream.configure(tokens=20, pace=0.05, prompt_tokens=12)  # the answer in 1 s
     before = live.balance_nano()
     with pytest.raises(httpx.ReadTimeout):
-        live.post({"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 100}, timeout=0.5)
-    call = live.upstream.calls[-1]
-    assert call.wait_disconnected(seconds=1), "real200 kept waiting for the upstream"
+        live.post({"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 100}, timeout=0.3)
     (record,) = live.wait_settled()
+    (call,) = live.upstream.calls
+    assert call.completed, "real200 closed the upstream call"
     assert record.end_reason == EndReason.CLIENT_GONE
     assert record.status_code == 499
-    assert record.charged_nano == 0  # nothing was delivered
+    assert record.usage_source == UsageSource.UPSTREAM
+    assert (record.prompt_tokens, record.completion_tokens) == (12, 20)
+    assert record.charged_nano == cost_of(record) > 0
+    assert live.balance_nano() == before - record.charged_nano
+    assert live.held_nano() == 0
+
+
+def test_a_client_that_gave_up_is_not_retried_on_another_channel(live, backup):
+    count_prompt_tokens(MESSAGES, "gpt-4o")
+    live.upstream.configure(header_delay=0.6, fail_status=503)
+    before = live.balance_nano()
+    with pytest.raises(httpx.ReadTimeout):
+        live.post({"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 100}, timeout=0.3)
+    (record,) = live.wait_settled()
+    assert len(live.upstream.calls) == 1
+    assert backup.calls == []
+    assert record.status_code == 499
+    assert record.charged_nano == 0
     assert live.balance_nano() == before
     assert live.held_nano() == 0
 
