@@ -75,8 +75,24 @@ class OpenAIView(APIView):
 
     rate_headers: dict[str, str] = {}
 
-    def initial(self, request, *args, **kwargs) -> None:
-        self.request_id = getattr(self, "request_id", None) or "req_" + secrets.token_hex(12)
+    async def async_dispatch(self, request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        """adrf's dispatch less its call of `initial` (DRF's negotiation, authentication,
+        permissions and throttles, none of which this API uses) in a worker thread: a
+        hop to a thread and back on every request, which under load waited for the GIL
+        behind the event loop."""
+        self.args, self.kwargs = args, kwargs
+        self.request = self.initialize_request(request, *args, **kwargs)
+        self.headers = self.default_response_headers
+        self.request_id = "req_" + secrets.token_hex(12)
+        method = self.request.method.lower()
+        try:
+            if method not in self.http_method_names or not hasattr(self, method):
+                self.http_method_not_allowed(self.request)  # raises
+            response = await getattr(self, method)(self.request, *args, **kwargs)
+        except Exception as exc:
+            response = self.handle_exception(exc)
+        self.response = self.finalize_response(self.request, response, *args, **kwargs)
+        return self.response
 
     def handle_exception(self, exc: Exception) -> HttpResponse:
         if isinstance(exc, GatewayError):
