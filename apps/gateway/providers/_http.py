@@ -116,22 +116,18 @@ async def sse_data(response: aiohttp.ClientResponse, chunk_timeout: float) -> As
     Only ``data`` fields matter to us: OpenAI sends nothing else, and Anthropic repeats each
     event's name inside its data, so ``event``, ``id`` and comment lines are skipped.
     """
-    event = _EventBuilder()
-    pending = b""
+    events = SseEvents()
     watch = _IdleWatch(response, chunk_timeout)
     try:
         async for chunk in response.content.iter_any():
             watch.last_read = watch.loop.time()
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                if (data := event.feed(line)) is not None:
-                    yield data
+            for data in events.feed(chunk):
+                yield data
     finally:
         watch.stop()
-    # Be lenient with an upstream whose last event lacks its final newline or blank line.
-    for line in (pending, b""):
-        if (data := event.feed(line)) is not None:
-            yield data
+    # Be lenient with an upstream whose last event lacks its blank line.
+    if (data := events.end()) is not None:
+        yield data
 
 
 class _IdleWatch:
@@ -165,20 +161,38 @@ class _IdleWatch:
         self._timer.cancel()
 
 
-class _EventBuilder:
-    def __init__(self) -> None:
-        self._data: list[bytes] = []
+class SseEvents:
+    """The data of server-sent events, from bytes that arrive in pieces of any size.
 
-    def feed(self, line: bytes) -> bytes | None:
-        """Take one line; return the event's data when this line completes one."""
-        line = line.removesuffix(b"\r")
-        if line.startswith(b"data:"):
-            self._data.append(line[6:] if line.startswith(b"data: ") else line[5:])
-            return None
-        if line or not self._data:
-            return None
-        data, self._data = b"\n".join(self._data), []
-        return data
+    An event ends with a blank line. Nearly every event is one ``data: {...}`` line, taken
+    whole; any other is read line by line: several data lines are joined by newlines,
+    ``event``, ``id``, ``retry`` and comment lines are skipped. Lines may end with CRLF.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""  # the start of an event whose blank line has not arrived
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The data of each event this chunk completes."""
+        buffer = self._pending + chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        *blocks, self._pending = buffer.split(b"\n\n")
+        return [data for block in blocks if (data := _event_data(block)) is not None]
+
+    def end(self) -> bytes | None:
+        """The data of an event the stream ended without completing."""
+        block, self._pending = self._pending, b""
+        return _event_data(block)
+
+
+def _event_data(block: bytes) -> bytes | None:
+    if block.startswith(b"data: ") and b"\n" not in block:
+        return block[6:]
+    lines = [line for line in block.split(b"\n") if line.startswith(b"data:")]
+    if not lines:
+        return None
+    return b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
 
 
 async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
