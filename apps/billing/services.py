@@ -253,16 +253,15 @@ def _open_hold(
     request_id: str,
     amount_nano: Nano,
     expires_at: datetime,
-    available_nano: Nano | None = None,
+    available_nano: Nano,
 ) -> Hold:
     """Reserve by one conditional UPDATE: any number of concurrent calls, on any number of
-    processes, cannot reserve more than the spendable balance."""
+    processes, cannot reserve more than the spendable balance. `available_nano` is what the
+    caller read the balance to afford, reported if the reservation is refused."""
     placed = Account.objects.filter(
         pk=account_id, balance_nano__gte=F("held_nano") + amount_nano
     ).update(held_nano=F("held_nano") + amount_nano)
     if not placed:
-        if available_nano is None:
-            available_nano = Account.objects.get(pk=account_id).available_nano
         raise InsufficientFunds(available_nano=available_nano, needed_nano=amount_nano)
     return Hold.objects.create(
         account_id=account_id,
@@ -271,34 +270,6 @@ def _open_hold(
         amount_nano=amount_nano,
         expires_at=expires_at,
     )
-
-
-@dataclass(frozen=True)
-class HoldRequest:
-    request_id: str
-    amount_nano: Nano
-    expires_at: datetime
-
-
-def hold_place(*, account: Account, key: KeyBudget | None, request: HoldRequest) -> Hold:
-    """Reserve a fixed amount of the account's spendable balance and the key's budget.
-    Raises InsufficientFunds; nothing is written then."""
-    with transaction.atomic():
-        if key is not None and key.budget_nano is not None:
-            left = _key_budget_left_nano(key)
-            if request.amount_nano > left:
-                raise InsufficientFunds(
-                    available_nano=max(left, 0),
-                    needed_nano=request.amount_nano,
-                    limited_by="budget",
-                )
-        return _open_hold(
-            account_id=account.pk,
-            key_id=key.key_id if key else None,
-            request_id=request.request_id,
-            amount_nano=request.amount_nano,
-            expires_at=request.expires_at,
-        )
 
 
 @dataclass(frozen=True)

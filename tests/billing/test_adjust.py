@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 from django.core.management.base import CommandError
-from django.utils import timezone
 
 from apps.billing.adjustments import AdjustmentError, balance_adjust
 from apps.billing.models import AccountKind, Transfer, TransferKind
 from apps.billing.money import parse_usd
 from apps.billing.selectors import available_nano_for_organization, books_check
-from apps.billing.services import (
-    HoldRequest,
-    InsufficientFunds,
-    account_for_organization,
-    hold_place,
-    system_account,
-)
+from apps.billing.services import InsufficientFunds, account_for_organization, system_account
 from apps.tenancy.models import User
+from tests.billing.holds import hold_of
 
 FIVE = parse_usd("5.00")
 
@@ -85,11 +77,7 @@ def test_a_debit_may_not_take_the_customer_below_zero(funded_org, staff):
 
 def test_a_debit_may_not_take_money_held_for_calls_in_flight(funded_org, staff):
     account = account_for_organization(organization=funded_org)
-    hold_place(
-        account=account,
-        key=None,
-        request=HoldRequest("r1", parse_usd("8.00"), timezone.now() + timedelta(minutes=5)),
-    )
+    hold_of(account, parse_usd("8.00"), "r1")
     with pytest.raises(InsufficientFunds):
         _adjust(funded_org, staff, direction="out", amount_nano=parse_usd("2.01"))
     _adjust(funded_org, staff, direction="out", amount_nano=parse_usd("2.00"))

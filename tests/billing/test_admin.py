@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
 
 import pytest
 from django.contrib import admin
 from django.test import Client, RequestFactory
 from django.urls import reverse
-from django.utils import timezone
 
 from apps.billing.models import (
     Account,
@@ -22,13 +20,14 @@ from apps.billing.models import (
 )
 from apps.billing.money import parse_usd
 from apps.billing.selectors import available_nano_for_organization, books_check
-from apps.billing.services import HoldRequest, account_for_organization, hold_place
+from apps.billing.services import account_for_organization
 from apps.billing.topups import code_hash
 from apps.catalog.models import Channel, Price
 from apps.catalog.services import channel_add
 from apps.keys.models import ApiKey
 from apps.tenancy.models import Organization, User
 from apps.usage.models import UsageRecord, UsageRollup
+from tests.billing.holds import hold_of
 
 CODE = re.compile(r"R200(?:-[2-9A-HJ-NP-Z]{4}){4}")
 
@@ -110,11 +109,7 @@ def test_the_ledger_refuses_every_write_through_the_admin(ops, funded_org):
 
 
 def test_every_admin_list_renders(ops, funded_org, api_key, price):
-    hold_place(
-        account=account_for_organization(organization=funded_org),
-        key=None,
-        request=HoldRequest("r1", 5, timezone.now() + timedelta(minutes=5)),
-    )
+    hold_of(account_for_organization(organization=funded_org), 5, "r1")
     for model in admin.site._registry:
         response = ops.get(_admin_url(model, "changelist"))
         assert response.status_code == 200, model

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 
 import pytest
 from django.db import DatabaseError, IntegrityError, connection, transaction
-from django.utils import timezone
 
 from apps.billing.models import Account, AccountKind, Hold, Transfer, TransferKind
 from apps.billing.selectors import books_check
 from apps.billing.services import (
-    HoldRequest,
     InsufficientFunds,
     account_for_organization,
     credit_grant,
-    hold_place,
     hold_release,
     hold_settle,
     system_account,
@@ -24,18 +20,11 @@ from apps.billing.services import (
     transfer_post_once,
 )
 from apps.tenancy.models import Organization
+from tests.billing.holds import hold_of
 
 
 def _balance(account: Account) -> int:
     return Account.objects.get(pk=account.pk).balance_nano
-
-
-def _hold_request(request_id: str, amount_nano: int) -> HoldRequest:
-    return HoldRequest(
-        request_id=request_id,
-        amount_nano=amount_nano,
-        expires_at=timezone.now() + timedelta(minutes=5),
-    )
 
 
 def test_a_credit_moves_money_and_the_books_sum_to_zero(org):
@@ -127,9 +116,9 @@ def test_an_event_delivered_twice_moves_money_once(org):
 
 def test_a_hold_reserves_spendable_money_and_refuses_what_is_not_there(funded_org):
     account = account_for_organization(organization=funded_org)
-    hold = hold_place(account=account, key=None, request=_hold_request("r1", 6 * 10**9))
+    hold = hold_of(account, 6 * 10**9, "r1")
     with pytest.raises(InsufficientFunds) as refused:
-        hold_place(account=account, key=None, request=_hold_request("r2", 5 * 10**9))
+        hold_of(account, 5 * 10**9, "r2")
     assert refused.value.available_nano == 4 * 10**9
     account.refresh_from_db()
     assert (account.balance_nano, account.held_nano) == (10 * 10**9, 6 * 10**9)
@@ -142,7 +131,7 @@ def test_a_hold_reserves_spendable_money_and_refuses_what_is_not_there(funded_or
 
 def test_settling_a_hold_charges_the_metered_cost_once(funded_org):
     account = account_for_organization(organization=funded_org)
-    hold = hold_place(account=account, key=None, request=_hold_request("r1", 1_000))
+    hold = hold_of(account, 1_000, "r1")
     settled, transfer, charged = hold_settle(hold=hold, cost_nano=400)
     assert (settled, charged, transfer.amount_nano) == (True, 400, 400)
     assert hold_settle(hold=hold, cost_nano=400) == (False, None, 0)
@@ -155,7 +144,7 @@ def test_settling_a_hold_charges_the_metered_cost_once(funded_org):
 def test_a_cost_beyond_the_balance_is_charged_only_up_to_zero(org):
     credit_grant(organization=org, amount_nano=1_000)
     account = account_for_organization(organization=org)
-    hold = hold_place(account=account, key=None, request=_hold_request("r1", 900))
+    hold = hold_of(account, 900, "r1")
     settled, _transfer, charged = hold_settle(hold=hold, cost_nano=5_000)
     assert (settled, charged) == (True, 1_000)
     account.refresh_from_db()
@@ -200,7 +189,7 @@ def test_concurrent_holds_never_reserve_more_than_the_balance():
 
     def try_hold(i: int) -> bool:
         try:
-            hold = hold_place(account=account, key=None, request=_hold_request(f"c{i}", 1_000))
+            hold = hold_of(account, 1_000, f"c{i}")
             hold_settle(hold=hold, cost_nano=1_000)
             return True
         except InsufficientFunds:

@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 from django.core import mail
-from django.utils import timezone
 
 from apps.billing.models import Account
 from apps.billing.money import parse_usd
 from apps.billing.services import (
-    HoldRequest,
     ThresholdError,
     account_for_organization,
-    hold_place,
     low_balance_threshold_set,
 )
 from apps.billing.tasks import send_low_balance_alerts
+from tests.billing.holds import hold_of
 
 
 def _spend_down_to(org, available: str) -> None:
     account = account_for_organization(organization=org)
-    hold_place(
-        account=account,
-        key=None,
-        request=HoldRequest(
-            request_id="spend",
-            amount_nano=account.available_nano - parse_usd(available),
-            expires_at=timezone.now() + timedelta(minutes=5),
-        ),
-    )
+    hold_of(account, account.available_nano - parse_usd(available), "spend")
 
 
 def test_a_threshold_is_set_and_cleared(org):

@@ -10,21 +10,14 @@ from django.utils import timezone
 from apps.billing.models import Account, Hold, HoldStatus
 from apps.billing.money import parse_usd
 from apps.billing.selectors import books_check
-from apps.billing.services import (
-    HoldRequest,
-    account_for_organization,
-    credit_grant,
-    hold_place,
-)
+from apps.billing.services import account_for_organization, credit_grant
 from apps.billing.tasks import release_stale_holds, send_low_balance_alerts
 from config.celery import app as celery_app
+from tests.billing.holds import hold_of
 
 
 def _hold(account, request_id: str, amount: int, expires_in: timedelta) -> Hold:
-    request = HoldRequest(
-        request_id=request_id, amount_nano=amount, expires_at=timezone.now() + expires_in
-    )
-    return hold_place(account=account, key=None, request=request)
+    return hold_of(account, amount, request_id, expires_at=timezone.now() + expires_in)
 
 
 def test_stale_holds_are_released_without_charging_and_live_ones_are_kept(funded_org):

@@ -3,23 +3,18 @@ real billing and usage services, and the pages' addresses."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import time_machine
 from django.test import Client
-from django.utils import timezone
 
-from apps.billing.services import (
-    HoldRequest,
-    KeyBudget,
-    account_for_organization,
-    hold_place,
-)
+from apps.billing.services import KeyBudget, account_for_organization
 from apps.catalog.models import Price
 from apps.keys.models import ApiKey
 from apps.tenancy.models import Organization, User
 from apps.usage.models import EndReason, RollupPeriod, UsageRecord, UsageSource
 from apps.usage.services import CallOutcome, call_settle, rollups_refresh
+from tests.billing.holds import hold_of
 
 
 def login(client: Client, user: User) -> Client:
@@ -53,14 +48,11 @@ def settled_call(
     money), at `at` if given."""
 
     def settle() -> UsageRecord:
-        hold = hold_place(
-            account=account_for_organization(organization=org),
+        hold = hold_of(
+            account_for_organization(organization=org),
+            10**7,
+            request_id,
             key=KeyBudget(key_id=key.pk, budget_nano=None) if key else None,
-            request=HoldRequest(
-                request_id=request_id,
-                amount_nano=10**7,
-                expires_at=timezone.now() + timedelta(minutes=5),
-            ),
         )
         outcome = CallOutcome(
             request_id=request_id,

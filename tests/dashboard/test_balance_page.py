@@ -4,25 +4,22 @@ and nothing of another organization's, ever."""
 from __future__ import annotations
 
 import re
-from datetime import timedelta
 
 import pytest
 from django.urls import reverse
-from django.utils import timezone
 
 from apps.billing.models import StripeCheckout
 from apps.billing.money import parse_usd
 from apps.billing.services import (
-    HoldRequest,
     account_for_organization,
     credit_grant,
-    hold_place,
     low_balance_threshold_set,
 )
 from apps.billing.topups import checkout_create
 from apps.dashboard import urls_money
 from apps.tenancy.models import Role
 from apps.tenancy.services import organization_create
+from tests.billing.holds import hold_of
 from tests.dashboard.money import balance_url, login, settled_call
 from tests.dashboard.people import ROLES, user_with_role
 
@@ -65,14 +62,8 @@ def test_an_anonymous_visitor_is_sent_to_log_in(client, org):
 
 
 def test_the_figures_separate_balance_holds_and_available(client, funded_org, owner, api_key):
-    hold_place(
-        account=account_for_organization(organization=funded_org),
-        key=None,
-        request=HoldRequest(
-            request_id="chatcmpl-in-flight",
-            amount_nano=parse_usd("1.50"),
-            expires_at=timezone.now() + timedelta(minutes=5),
-        ),
+    hold_of(
+        account_for_organization(organization=funded_org), parse_usd("1.50"), "chatcmpl-in-flight"
     )
     html = login(client, owner).get(balance_url()).content.decode()
     assert 'data-nano="8500000000">$8.50<' in html  # available
@@ -143,14 +134,8 @@ def test_the_ledger_never_shows_another_organizations_transfers(
 def test_the_holds_of_another_organization_are_not_listed(client, funded_org, owner, outsider):
     elsewhere = outsider.memberships.get().organization
     credit_grant(organization=elsewhere, amount_nano=TEN)
-    hold_place(
-        account=account_for_organization(organization=elsewhere),
-        key=None,
-        request=HoldRequest(
-            request_id="chatcmpl-their-hold",
-            amount_nano=parse_usd("1.00"),
-            expires_at=timezone.now() + timedelta(minutes=5),
-        ),
+    hold_of(
+        account_for_organization(organization=elsewhere), parse_usd("1.00"), "chatcmpl-their-hold"
     )
     html = login(client, owner).get(balance_url()).content.decode()
     assert "chatcmpl-their-hold" not in html

@@ -8,18 +8,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import time_machine
 from django.test import Client
-from django.utils import timezone
 
 from apps.billing.money import parse_usd
 from apps.billing.services import (
-    HoldRequest,
     account_for_organization,
     credit_grant,
-    hold_place,
     low_balance_threshold_set,
 )
 from apps.billing.topups import checkout_create, code_mint
 from apps.tenancy.models import Role
+from tests.billing.holds import hold_of
 from tests.dashboard.money import refresh_daily_rollups, settled_call
 from tests.dashboard.people import user_with_role
 from tests.dashboard.test_people_i18n import english_words
@@ -50,15 +48,7 @@ def pages(org, owner, api_key, price, stripe_api) -> dict[str, str]:
     for i in range(3):
         settled_call(org, api_key, price, f"chatcmpl-{i}", at=NOW - timedelta(days=i))
     settled_call(org, api_key, price, "chatcmpl-gone", at=NOW, end_reason="client_gone")
-    hold_place(
-        account=account_for_organization(organization=org),
-        key=None,
-        request=HoldRequest(
-            request_id="chatcmpl-live",
-            amount_nano=parse_usd("1"),
-            expires_at=timezone.now() + timedelta(minutes=5),
-        ),
-    )
+    hold_of(account_for_organization(organization=org), parse_usd("1"), "chatcmpl-live")
     with time_machine.travel(NOW, tick=False):
         refresh_daily_rollups(NOW - timedelta(days=40))
     low_balance_threshold_set(organization=org, threshold_nano=parse_usd("50"))

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 import time_machine
-from django.utils import timezone
 
 from apps.billing.models import Account, ReconciliationReport
-from apps.billing.services import HoldRequest, account_for_organization, hold_place
+from apps.billing.services import account_for_organization
 from apps.usage.models import EndReason, RollupPeriod, UsageRecord, UsageRollup, UsageSource
 from apps.usage.services import CallOutcome, books_reconcile, call_settle
 from apps.usage.tasks import reconcile_books, rollup_usage
+from tests.billing.holds import hold_of
 
 
 def call_outcome(org, api_key, price, request_id: str, completion_tokens: int = 100) -> CallOutcome:
@@ -40,15 +38,7 @@ def _settled_call(
     org, api_key, price, request_id: str, completion_tokens: int = 100
 ) -> UsageRecord:
     account = account_for_organization(organization=org)
-    hold = hold_place(
-        account=account,
-        key=None,
-        request=HoldRequest(
-            request_id=request_id,
-            amount_nano=10**7,
-            expires_at=timezone.now() + timedelta(minutes=5),
-        ),
-    )
+    hold = hold_of(account, 10**7, request_id)
     outcome = call_outcome(org, api_key, price, request_id, completion_tokens)
     return call_settle(hold=hold, outcome=outcome, rates=price)
 
