@@ -150,7 +150,7 @@ class Hold(models.Model):
     api_key = models.ForeignKey(
         ApiKey, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
-    request_id = models.CharField(max_length=64, unique=True)
+    request_id = models.CharField(max_length=64)
     amount_nano = models.BigIntegerField()
     status = models.CharField(max_length=10, choices=HoldStatus.choices, default=HoldStatus.OPEN)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -162,6 +162,8 @@ class Hold(models.Model):
             models.CheckConstraint(
                 condition=Q(amount_nano__gte=0), name="hold_amount_not_negative"
             ),
+            # Not `unique=True`: see UsageRecord's request_id.
+            models.UniqueConstraint(fields=["request_id"], name="hold_request_id_unique"),
         ]
         indexes = [
             models.Index(
