@@ -670,6 +670,8 @@ async def _settle_when_answered(call: Call, answering: asyncio.Future[Completion
         await answering
     except GatewayError:
         pass  # the upstream failed: `complete` noted how, and nothing is billed for it
+    except Exception:  # a bug, logged; the call is still settled on what it knows
+        logger.exception("call %s: the upstream call failed after the client left", call.id)
     else:
         call.end_reason = EndReason.CLIENT_GONE
     call.status_code = 499
