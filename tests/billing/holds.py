@@ -1,5 +1,5 @@
-"""Holds of a given amount, placed the way the gateway places them: through
-`hold_place_for_call`, for a call whose worst case costs exactly that amount."""
+"""Holds placed the way the gateway places them, through `hold_place_for_call`: of a
+given amount, or for a call of a usual shape."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from django.utils import timezone
 
 from apps.billing.models import Account, Hold
-from apps.billing.money import TOKENS_PER_QUOTE, Nano
+from apps.billing.money import TOKENS_PER_QUOTE, Nano, Rates
 from apps.billing.services import CallQuote, KeyBudget, hold_place_for_call
 
 
@@ -53,3 +53,16 @@ def hold_of(
     )
     assert (hold.amount_nano, max_tokens) == (amount_nano, 1), (hold.amount_nano, max_tokens)
     return hold
+
+
+def quote_for_50_tokens(rates: Rates, max_tokens: int | None = 200) -> CallQuote:
+    """The quote of a call of 50 prompt tokens and up to `max_tokens` output tokens (None:
+    as many as the money affords, up to 4,096)."""
+    return CallQuote(
+        prompt_tokens=50,
+        max_tokens=max_tokens,
+        output_cap=4_096,
+        n=1,
+        rates=rates,
+        min_reply_tokens=16,
+    )

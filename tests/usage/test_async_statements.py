@@ -23,7 +23,6 @@ from apps.billing.models import Account, AccountKind, Hold, HoldStatus, Transfer
 from apps.billing.money import parse_usd
 from apps.billing.services import (
     CallNotAffordable,
-    CallQuote,
     KeyBudget,
     hold_place_for_call_async,
     system_account,
@@ -33,6 +32,7 @@ from apps.keys.models import ApiKey
 from apps.usage.models import UsageRecord
 from apps.usage.services import call_settle_async, key_use_forget
 from config import asyncdb
+from tests.billing.holds import quote_for_50_tokens
 from tests.usage.test_reconcile_and_rollups import call_outcome
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
@@ -53,20 +53,12 @@ def run(step: Coroutine[Any, Any, T]) -> T:
 
 def _hold(org, key: KeyBudget, price, request_id: str, max_tokens: int | None = 200):
     """Hold a call of 50 prompt tokens and up to `max_tokens` output tokens."""
-    quote = CallQuote(
-        prompt_tokens=50,
-        max_tokens=max_tokens,
-        output_cap=4_096,
-        n=1,
-        rates=price,
-        min_reply_tokens=16,
-    )
     return hold_place_for_call_async(
         organization_id=org.pk,
         key=key,
         request_id=request_id,
         expires_at=timezone.now() + timedelta(minutes=5),
-        quote=quote,
+        quote=quote_for_50_tokens(price, max_tokens),
     )
 
 

@@ -16,7 +16,6 @@ from django.utils import timezone
 from apps.billing.models import Account, AccountKind, Hold, HoldStatus, Transfer, TransferKind
 from apps.billing.services import (
     CallNotAffordable,
-    CallQuote,
     KeyBudget,
     account_id_for_organization,
     hold_place_for_call,
@@ -28,20 +27,10 @@ from apps.usage.services import (
     _settle_in_transaction,
     call_settle,
 )
+from tests.billing.holds import quote_for_50_tokens
 from tests.usage.test_reconcile_and_rollups import call_outcome
 
 pytestmark = pytest.mark.postgres
-
-
-def _quote(price, max_tokens: int | None = 200) -> CallQuote:
-    return CallQuote(
-        prompt_tokens=50,
-        max_tokens=max_tokens,
-        output_cap=4_096,
-        n=1,
-        rates=price,
-        min_reply_tokens=16,
-    )
 
 
 def _hold(org, api_key, price, request_id: str, **quote) -> tuple[Hold, int]:
@@ -50,7 +39,7 @@ def _hold(org, api_key, price, request_id: str, **quote) -> tuple[Hold, int]:
         key=KeyBudget(key_id=api_key.pk, budget_nano=None),
         request_id=request_id,
         expires_at=timezone.now() + timedelta(minutes=5),
-        quote=_quote(price, **quote),
+        quote=quote_for_50_tokens(price, **quote),
     )
 
 
