@@ -661,7 +661,6 @@ def settle_when_answered(call: Call, answering: asyncio.Future[Completion]) -> N
     own, and what it reports is billed, with the end reason `client_gone`. No other
     channel is tried for a client that has left."""
     call.client_left = True
-    call.status_code = 499
     _settle_in_background(_settle_when_answered(call, answering))
 
 
@@ -674,7 +673,7 @@ async def _settle_when_answered(call: Call, answering: asyncio.Future[Completion
         logger.exception("call %s: the upstream call failed after the client left", call.id)
     else:
         call.end_reason = EndReason.CLIENT_GONE
-    call.status_code = 499
+    call.status_code = 499  # after `complete`, which sets the status of a failure
     await settle(call)
 
 
