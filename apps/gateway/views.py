@@ -145,21 +145,24 @@ class ChatCompletionsView(OpenAIView):
 
 def _read_body(request: HttpRequest) -> bytes:
     limit = settings.GATEWAY_MAX_BODY_BYTES
-    too_large = RequestTooLarge(
-        f"The request body is larger than {limit // (1024 * 1024)} MiB. Send fewer or "
-        "smaller messages."
-    )
     try:
         if int(request.META.get("CONTENT_LENGTH") or 0) > limit:
-            raise too_large
+            raise _too_large(limit)
         body = request.body
     except RequestDataTooBig:
-        raise too_large from None
+        raise _too_large(limit) from None
     except ValueError:
         raise InvalidRequest("The Content-Length header is not a number.") from None
     if len(body) > limit:  # sent chunked, without a Content-Length to check beforehand
-        raise too_large
+        raise _too_large(limit)
     return body
+
+
+def _too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(
+        f"The request body is larger than {limit // (1024 * 1024)} MiB. Send fewer or "
+        "smaller messages."
+    )
 
 
 def _parse_json(raw: bytes) -> object:
