@@ -66,7 +66,13 @@ from apps.gateway.providers.base import (
 )
 from apps.gateway.tokens import count_prompt_tokens, count_text_tokens, encoding_ready
 from apps.gateway.validation import ValidRequest
-from apps.keys.limits import Admission, LimitExceeded, call_admit, tokens_correct
+from apps.keys.limits import (
+    Admission,
+    LimitExceeded,
+    call_admit,
+    refused_lately,
+    tokens_correct,
+)
 from apps.keys.selectors import KeyGrant
 from apps.usage.models import EndReason, UsageSource
 from apps.usage.services import CallOutcome, call_settle_async
@@ -262,34 +268,13 @@ async def open_call(
         rates=route.price,
         min_reply_tokens=settings.GATEWAY_MIN_REPLY_TOKENS,
     )
+    starting = asyncio.ensure_future(_admit_and_hold(grant, call_id, request.model, quote))
     try:
-        admission = await call_admit(grant, quote.worst_case_tokens)
-    except LimitExceeded as exceeded:
-        raise rate_limited(exceeded) from None
-    placing = asyncio.ensure_future(_hold(grant, call_id, quote))
-    try:
-        hold, max_tokens = await asyncio.shield(placing)
+        admission, hold, max_tokens = await asyncio.shield(starting)
     except asyncio.CancelledError:
-        # The client left while the hold was being placed; the shielded step goes on
-        # regardless. Free what it holds now, not when the hold expires.
-        await asyncio.shield(_release_abandoned(placing, admission))
-        raise
-    except BaseException as failure:
-        # Refused or failed: nothing is held, and the call gives its tokens back.
-        await asyncio.shield(tokens_correct(admission, 0))
-        if isinstance(failure, InsufficientFunds):  # CallNotAffordable included
-            metrics.REFUSED_FOR_QUOTA.labels(model=request.model).inc()
-            refusal = _quota_error(failure, quote)
-            refusal.headers.update(admission.headers())
-            raise refusal from None
-        if isinstance(failure, DatabaseError):
-            # Overload (the pool had no connection to give in time) or a database blip
-            # before anything was held or sent: the customer may simply retry.
-            logger.exception("call %s: the database did not answer in time", call_id)
-            raise ServiceBusy(
-                "real200 is busy right now; nothing was charged. Please retry in a moment.",
-                headers={"Retry-After": "1", **admission.headers()},
-            ) from None
+        # The client left meanwhile; the shielded step goes on regardless. Free what it
+        # holds now, not when the hold expires.
+        await asyncio.shield(_undo_abandoned(starting))
         raise
     return Call(
         id=call_id,
@@ -305,13 +290,61 @@ async def open_call(
     )
 
 
-async def _release_abandoned(placing: asyncio.Future, admission: Admission) -> None:
-    await tokens_correct(admission, 0)
+async def _admit_and_hold(
+    grant: KeyGrant, call_id: str, model: str, quote: CallQuote
+) -> tuple[Admission, Hold, int]:
+    """The rate limits (Redis) and the hold (PostgreSQL), which must both pass before the
+    upstream is called; when one refuses, what the other did is undone.
+
+    The two are independent, so they run at once: under load each round trip waits for
+    the event loop's passes, and the first token waited for both in turn. A key refused
+    for its limits in this window is checked first instead, so that a client that keeps
+    sending past its limits gets its 429s without a hold written and released for each.
+    """
+    admitting = asyncio.ensure_future(call_admit(grant, quote.worst_case_tokens))
+    if refused_lately(grant):
+        await asyncio.wait([admitting])
+    placing = None
+    if not admitting.done() or admitting.exception() is None:
+        placing = asyncio.ensure_future(_hold(grant, call_id, quote))
+        await asyncio.wait([admitting, placing])
+    not_admitted = admitting.exception()
+    not_held = placing.exception() if placing is not None else None
+    if not_admitted is None and not_held is None:
+        hold, max_tokens = placing.result()
+        return admitting.result(), hold, max_tokens
+    if not_admitted is None:  # the call does not run: its tokens go back
+        await tokens_correct(admitting.result(), 0)
+    if placing is not None and not_held is None:
+        await db_step(hold_release, hold=placing.result()[0])
+    if isinstance(not_admitted, LimitExceeded):
+        raise rate_limited(not_admitted) from None
+    if not_admitted is not None:
+        raise not_admitted
+    headers = admitting.result().headers()
+    if isinstance(not_held, InsufficientFunds):  # CallNotAffordable included
+        metrics.REFUSED_FOR_QUOTA.labels(model=model).inc()
+        refusal = _quota_error(not_held, quote)
+        refusal.headers.update(headers)
+        raise refusal from None
+    if isinstance(not_held, DatabaseError):
+        # Overload (the pool had no connection to give in time) or a database blip
+        # before anything was held or sent: the customer may simply retry.
+        logger.error("call %s: the database did not answer in time", call_id, exc_info=not_held)
+        raise ServiceBusy(
+            "real200 is busy right now; nothing was charged. Please retry in a moment.",
+            headers={"Retry-After": "1", **headers},
+        ) from None
+    raise not_held
+
+
+async def _undo_abandoned(starting: asyncio.Future) -> None:
+    """Give back what `_admit_and_hold` took for a call whose client has left."""
     try:
-        hold, _max_tokens = await placing
+        admission, hold, _max_tokens = await starting
     except Exception:
-        return  # refused or failed: nothing was held
-    await db_step(hold_release, hold=hold)
+        return  # refused or failed: it undid its own steps
+    await asyncio.gather(tokens_correct(admission, 0), db_step(hold_release, hold=hold))
     logger.info("call %s: the client left before the call began; hold released", hold.request_id)
 
 

@@ -201,6 +201,7 @@ def counters_forget() -> None:
     """Start from fresh counters (tests: settings change, and each test its own counts)."""
     global _counters
     _counters = None
+    _refused.clear()
 
 
 def _window(now: float) -> tuple[int, float]:
@@ -257,6 +258,7 @@ async def call_admit(grant: KeyGrant, tokens: int) -> Admission:
         reserved_tokens=tokens if reserved else 0,
     )
     if exceeded is not None:
+        _note_refused(grant, window)
         await tokens_correct(admission, 0)  # the call does not run: its tokens go back
         raise LimitExceeded(
             f"Rate limit reached: {exceeded.limit} requests per minute.",
@@ -264,6 +266,7 @@ async def call_admit(grant: KeyGrant, tokens: int) -> Admission:
             exceeded.retry_after,
         )
     if not reserved and tokens > 0:
+        _note_refused(grant, window)
         raise LimitExceeded(
             f"Rate limit reached: {tokens_limit} tokens per minute; this call needs up to "
             f"{tokens}. Lower max_tokens or retry later.",
@@ -271,6 +274,29 @@ async def call_admit(grant: KeyGrant, tokens: int) -> Admission:
             tokens_left.retry_after,
         )
     return admission
+
+
+# The window in which each key was last refused, in this process (see `refused_lately`).
+_refused: dict[int, int] = {}
+
+
+def _note_refused(grant: KeyGrant, window: int) -> None:
+    if len(_refused) > 10_000:  # bound the memo: keys refused long ago are forgotten
+        _refused.clear()
+    _refused[grant.id] = window
+
+
+def refused_lately(grant: KeyGrant) -> bool:
+    """Whether this process refused the key for its limits in the current window: a
+    client that is being refused tends to keep sending, so the caller checks the limits
+    first for such a key instead of at once with its other work."""
+    window = _refused.get(grant.id)
+    if window is None:
+        return False
+    if window == _window(time.time())[0]:
+        return True
+    del _refused[grant.id]
+    return False
 
 
 async def tokens_correct(admission: Admission, used_tokens: int) -> None:

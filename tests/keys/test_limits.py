@@ -13,9 +13,9 @@ import pytest
 import time_machine
 from django.utils import timezone
 
-from apps.billing.models import Transfer
+from apps.billing.models import Hold, HoldStatus, Transfer
 from apps.billing.money import parse_usd
-from apps.billing.services import credit_grant, key_spent_nano
+from apps.billing.services import account_for_organization, credit_grant, key_spent_nano
 from apps.catalog.services import channel_add, price_set
 from apps.keys.limits import openai_duration
 from apps.keys.models import ApiKey, BudgetPeriod, hash_key
@@ -38,7 +38,7 @@ def test_reset_times_use_openais_format(seconds, text):
 
 def test_a_monthly_budget_counts_only_this_months_charges(funded_org, price):
     from apps.billing.models import AccountKind, TransferKind
-    from apps.billing.services import account_for_organization, system_account, transfer_post
+    from apps.billing.services import system_account, transfer_post
 
     key, _ = key_create(
         organization=funded_org, budget_nano=10**9, budget_period=BudgetPeriod.MONTHLY
@@ -68,10 +68,11 @@ def fake_upstream():
         yield fake
 
 
-def _setup_org(fake: OpenAIFake, **key_policy):
+def _setup_org(fake: OpenAIFake, *, credit: str = "10", **key_policy):
     owner = User.objects.create_user(email="limits@example.com", password="x-long-password")
     org = organization_create(slug="limits", name="Limits", owner=owner)
-    credit_grant(organization=org, amount_nano=parse_usd("10"))
+    if parse_usd(credit):
+        credit_grant(organization=org, amount_nano=parse_usd(credit))
     price_set(
         model_name="gpt-4o",
         input_nano_per_mtok=parse_usd("2.5"),
@@ -166,6 +167,53 @@ def test_tokens_per_minute_stop_a_key_and_headers_show_them(fake_upstream):
     assert refused.status_code == 429
     assert "40 tokens per minute" in refused.json()["error"]["message"]
     assert "retry-after" in refused.headers
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_a_rate_limited_call_holds_nothing_and_a_refused_key_writes_no_more_holds(
+    fake_upstream,
+):
+    """The limits and the hold run at once: a call refused for its limits releases the
+    hold placed beside it. Once refused, the key is checked first for the rest of the
+    window, so a client that keeps sending past its limits costs no hold per call."""
+    org, key = _setup_org(fake_upstream, rpm=1)
+    headers = {"Authorization": f"Bearer {key}"}
+    with real200_server(workers=1, env=_server_env()) as server:
+        _away_from_a_window_edge()
+        answers = [
+            httpx.post(f"{server.url}/v1/chat/completions", json=BODY, headers=headers, timeout=30)
+            for _ in range(4)
+        ]
+    assert [a.status_code for a in answers] == [200, 429, 429, 429]
+    statuses = sorted(Hold.objects.values_list("status", flat=True))
+    assert statuses == sorted([HoldStatus.SETTLED, HoldStatus.RELEASED])
+    account = account_for_organization(organization=org)
+    assert account.held_nano == 0
+    assert account.balance_nano == parse_usd("10") - Transfer.objects.get(kind="charge").amount_nano
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_a_call_refused_for_money_gives_its_tokens_per_minute_back(fake_upstream):
+    # Each call reserves 13 tokens (8 of prompt, 5 of output): a 40-tpm key fits 3.
+    org, key = _setup_org(fake_upstream, credit="0", tpm=40)
+    headers = {"Authorization": f"Bearer {key}"}
+    with real200_server(workers=1, env=_server_env()) as server:
+        _away_from_a_window_edge()
+
+        def call() -> int:
+            url = f"{server.url}/v1/chat/completions"
+            return httpx.post(url, json=BODY, headers=headers, timeout=30).status_code
+
+        broke = [call() for _ in range(5)]
+        credit_grant(organization=org, amount_nano=parse_usd("1"))
+        funded = [call() for _ in range(4)]
+    assert broke == [402] * 5
+    assert funded == [200, 200, 200, 429]  # the five refused calls kept no tokens
+    assert Hold.objects.filter(status=HoldStatus.OPEN).count() == 0
 
 
 @pytest.mark.postgres
