@@ -104,6 +104,7 @@ class PriceAddForm(forms.ModelForm):
     input_usd = _usd_per_mtok_field(_("Input"))
     output_usd = _usd_per_mtok_field(_("Output"))
     cached_input_usd = _usd_per_mtok_field(_("Cached input"), required=False)
+    cache_write_usd = _usd_per_mtok_field(_("Cache write"), required=False)
 
     class Meta:
         model = Price
@@ -127,18 +128,35 @@ class PriceAddForm(forms.ModelForm):
     def clean_cached_input_usd(self) -> int | None:
         return self._nano("cached_input_usd")
 
+    def clean_cache_write_usd(self) -> int | None:
+        return self._nano("cache_write_usd")
+
 
 @admin.register(Price)
 class PriceAdmin(admin.ModelAdmin):
     form = PriceAddForm
-    list_display = ("model", "input_usd", "cached_input_usd", "output_usd", "created_at")
+    list_display = (
+        "model",
+        "input_usd",
+        "cached_input_usd",
+        "cache_write_usd",
+        "output_usd",
+        "created_at",
+    )
     list_select_related = ("model",)
     list_filter = ("model",)
 
     def get_fields(self, request: HttpRequest, obj: Price | None = None) -> list[str]:
         if obj is None:
-            return ["model", "input_usd", "output_usd", "cached_input_usd"]
-        return ["model", "input_usd", "cached_input_usd", "output_usd", "created_at"]
+            return ["model", "input_usd", "output_usd", "cached_input_usd", "cache_write_usd"]
+        return [
+            "model",
+            "input_usd",
+            "cached_input_usd",
+            "cache_write_usd",
+            "output_usd",
+            "created_at",
+        ]
 
     @admin.display(description=_("input, USD per 1M tokens"))
     def input_usd(self, price: Price) -> str:
@@ -147,6 +165,10 @@ class PriceAdmin(admin.ModelAdmin):
     @admin.display(description=_("cached input, USD per 1M tokens"))
     def cached_input_usd(self, price: Price) -> str:
         return format_usd(price.cached_input_nano_per_mtok)
+
+    @admin.display(description=_("cache write, USD per 1M tokens"))
+    def cache_write_usd(self, price: Price) -> str:
+        return format_usd(price.cache_write_nano_per_mtok)
 
     @admin.display(description=_("output, USD per 1M tokens"))
     def output_usd(self, price: Price) -> str:
@@ -159,6 +181,7 @@ class PriceAdmin(admin.ModelAdmin):
             input_nano_per_mtok=data["input_usd"],
             output_nano_per_mtok=data["output_usd"],
             cached_input_nano_per_mtok=data["cached_input_usd"],
+            cache_write_nano_per_mtok=data["cache_write_usd"],
         )
         # The admin logs and links the row the service inserted.
         obj.pk, obj.created_at = price.pk, price.created_at

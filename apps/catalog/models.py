@@ -25,12 +25,17 @@ class Price(models.Model):
     Rows are only inserted: a price change is a new row, and each usage record points at
     the row it was charged with, so a change never rewrites a past charge. The current
     price of a model is its newest row.
+
+    Prompt tokens come at three rates: plain input, `cached_input` for the tokens an
+    upstream reads from its prompt cache, and `cache_write` for those it writes to it
+    (Anthropic charges 1.25 times its input rate for those).
     """
 
     model = models.ForeignKey(LanguageModel, on_delete=models.PROTECT, related_name="prices")
     input_nano_per_mtok = models.BigIntegerField()
     output_nano_per_mtok = models.BigIntegerField()
     cached_input_nano_per_mtok = models.BigIntegerField()
+    cache_write_nano_per_mtok = models.BigIntegerField()
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -39,7 +44,8 @@ class Price(models.Model):
             models.CheckConstraint(
                 condition=models.Q(input_nano_per_mtok__gte=0)
                 & models.Q(output_nano_per_mtok__gte=0)
-                & models.Q(cached_input_nano_per_mtok__gte=0),
+                & models.Q(cached_input_nano_per_mtok__gte=0)
+                & models.Q(cache_write_nano_per_mtok__gte=0),
                 name="price_not_negative",
             ),
         ]

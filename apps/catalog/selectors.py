@@ -16,6 +16,7 @@ class PriceVersion:
     input_nano_per_mtok: int
     output_nano_per_mtok: int
     cached_input_nano_per_mtok: int
+    cache_write_nano_per_mtok: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,7 @@ def _load_route(name: str) -> Route | None:
             input_nano_per_mtok=price.input_nano_per_mtok,
             output_nano_per_mtok=price.output_nano_per_mtok,
             cached_input_nano_per_mtok=price.cached_input_nano_per_mtok,
+            cache_write_nano_per_mtok=price.cache_write_nano_per_mtok,
         ),
         channels=channels,
     )
@@ -155,6 +157,7 @@ class ModelPrice:
     owned_by: str
     input_nano_per_mtok: int
     cached_input_nano_per_mtok: int
+    cache_write_nano_per_mtok: int
     output_nano_per_mtok: int
 
 
@@ -176,6 +179,7 @@ def price_list_callable() -> list[ModelPrice]:
             owned_by=m.owned_by,
             input_nano_per_mtok=newest[m.name].input_nano_per_mtok,
             cached_input_nano_per_mtok=newest[m.name].cached_input_nano_per_mtok,
+            cache_write_nano_per_mtok=newest[m.name].cache_write_nano_per_mtok,
             output_nano_per_mtok=newest[m.name].output_nano_per_mtok,
         )
         for m in models

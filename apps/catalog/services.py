@@ -27,15 +27,25 @@ def price_set(
     input_nano_per_mtok: int,
     output_nano_per_mtok: int,
     cached_input_nano_per_mtok: int | None = None,
+    cache_write_nano_per_mtok: int | None = None,
 ) -> Price:
     """A new price version for a model (created if new). Past charges keep theirs.
 
     Without a cached-input price, cached tokens cost what other input tokens cost: never
-    more, and no discount the operator did not choose.
+    more, and no discount the operator did not choose. Likewise, without a cache-write
+    price, tokens written to a prompt cache cost what other input tokens cost.
     """
     if cached_input_nano_per_mtok is None:
         cached_input_nano_per_mtok = input_nano_per_mtok
-    if min(input_nano_per_mtok, output_nano_per_mtok, cached_input_nano_per_mtok) < 0:
+    if cache_write_nano_per_mtok is None:
+        cache_write_nano_per_mtok = input_nano_per_mtok
+    rates = (
+        input_nano_per_mtok,
+        output_nano_per_mtok,
+        cached_input_nano_per_mtok,
+        cache_write_nano_per_mtok,
+    )
+    if min(rates) < 0:
         raise CatalogError("prices must not be negative")
     with transaction.atomic():
         return Price.objects.create(
@@ -43,6 +53,7 @@ def price_set(
             input_nano_per_mtok=input_nano_per_mtok,
             output_nano_per_mtok=output_nano_per_mtok,
             cached_input_nano_per_mtok=cached_input_nano_per_mtok,
+            cache_write_nano_per_mtok=cache_write_nano_per_mtok,
         )
 
 

@@ -246,7 +246,11 @@ def test_prices_are_added_in_usd_and_never_changed(ops, price):
     new = Price.objects.latest("pk")
     assert new.pk != price.pk
     assert (new.input_nano_per_mtok, new.output_nano_per_mtok) == (3 * 10**9, 12 * 10**9)
-    assert new.cached_input_nano_per_mtok == 3 * 10**9
+    assert new.cached_input_nano_per_mtok == new.cache_write_nano_per_mtok == 3 * 10**9
+    given = ops.post(_admin_url(Price, "add"), {**data, "cache_write_usd": "3.75"})
+    assert given.status_code == 302
+    assert Price.objects.latest("pk").cache_write_nano_per_mtok == 3_750_000_000
+    assert "3.750000000" in ops.get(_admin_url(Price, "changelist")).content.decode()
     bad = ops.post(_admin_url(Price, "add"), {**data, "input_usd": "3.0000000001"})
     assert b"finer than one nano-dollar" in bad.content
     change = ops.post(_admin_url(Price, "change", price.pk), {**data, "input_usd": "0"})
@@ -254,7 +258,7 @@ def test_prices_are_added_in_usd_and_never_changed(ops, price):
     assert ops.post(_admin_url(Price, "delete", price.pk), {"post": "yes"}).status_code == 403
     price.refresh_from_db()
     assert price.input_nano_per_mtok == parse_usd("2.50")
-    assert Price.objects.count() == 2
+    assert Price.objects.count() == 3
 
 
 def test_minting_codes_in_the_admin_shows_them_once(ops, operator):

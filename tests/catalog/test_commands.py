@@ -11,7 +11,10 @@ def test_set_price_adds_a_version_and_keeps_the_old_one(run_command):
     line = run_command(
         "set_price", "gpt-4o", "--input", "3", "--output", "12", "--cached-input", "0.3"
     )[-1]
-    assert "input 3.000000000, cached input 0.300000000, output 12.000000000" in line
+    assert (
+        "input 3.000000000, cached input 0.300000000, cache write 3.000000000, "
+        "output 12.000000000" in line
+    )
     old, new = Price.objects.order_by("pk")
     assert (old.input_nano_per_mtok, old.cached_input_nano_per_mtok) == (
         2_500_000_000,
@@ -20,12 +23,24 @@ def test_set_price_adds_a_version_and_keeps_the_old_one(run_command):
     assert (new.input_nano_per_mtok, new.output_nano_per_mtok) == (3 * 10**9, 12 * 10**9)
 
 
+def test_set_price_takes_a_cache_write_rate_that_defaults_to_the_input_rate(run_command):
+    run_command("set_price", "claude-sonnet-4", "--input", "3", "--output", "15")
+    line = run_command(
+        "set_price", "claude-sonnet-4", "--input", "3", "--output", "15", "--cache-write", "3.75"
+    )[-1]
+    assert "cache write 3.750000000" in line
+    default, given = Price.objects.order_by("pk")
+    assert default.cache_write_nano_per_mtok == default.input_nano_per_mtok == 3 * 10**9
+    assert given.cache_write_nano_per_mtok == 3_750_000_000
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["m", "--input", "-1", "--output", "1"], "--input: .*negative"),
         (["m", "--input", "1", "--output", "x"], "--output: .*not an amount"),
         (["m", "--input", "1", "--output", "1", "--cached-input", "0.0000000001"], "finer than"),
+        (["m", "--input", "1", "--output", "1", "--cache-write", "-1"], "--cache-write: .*neg"),
     ],
 )
 def test_set_price_refuses_bad_input(run_command, args, message):
