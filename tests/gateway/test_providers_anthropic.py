@@ -299,7 +299,19 @@ async def test_a_whole_answer_counts_cache_reads_and_writes_as_prompt(fake, clie
 
     completion = await provider.complete(chat(), upstream_for(fake), client)
 
-    assert completion.usage == Usage(prompt_tokens=360, completion_tokens=4, cached_tokens=300)
+    assert completion.usage == Usage(
+        prompt_tokens=360, completion_tokens=4, cached_tokens=300, cache_write_tokens=50
+    )
+
+
+async def test_a_whole_answer_without_cache_fields_has_no_cache_tokens(fake, client) -> None:
+    fake.configure(tokens=4, prompt_tokens=10)
+
+    completion = await provider.complete(chat(), upstream_for(fake), client)
+
+    assert completion.usage == Usage(
+        prompt_tokens=10, completion_tokens=4, cached_tokens=0, cache_write_tokens=0
+    )
 
 
 async def test_a_whole_answer_without_usage_says_so(fake, client) -> None:
@@ -369,10 +381,11 @@ async def test_stream_usage_is_the_running_total_never_a_sum(fake, client) -> No
 
     events = await collect(provider.stream(chat(), upstream_for(fake), client))
 
+    cache = {"cached_tokens": 300, "cache_write_tokens": 50}
     assert usages(events) == [
-        Usage(prompt_tokens=360, completion_tokens=1, cached_tokens=300),
-        Usage(prompt_tokens=360, completion_tokens=5, cached_tokens=300),
-        Usage(prompt_tokens=360, completion_tokens=5, cached_tokens=300),
+        Usage(prompt_tokens=360, completion_tokens=1, **cache),
+        Usage(prompt_tokens=360, completion_tokens=5, **cache),
+        Usage(prompt_tokens=360, completion_tokens=5, **cache),
     ]
     assert [event.choices[0]["finish_reason"] for event in chunks(events)].count("stop") == 1
 

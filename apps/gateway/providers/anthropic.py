@@ -287,6 +287,7 @@ def _usage(usage: dict[str, Any]) -> Usage:
         prompt_tokens=(usage.get("input_tokens") or 0) + cache_read + cache_write,
         completion_tokens=usage.get("output_tokens") or 0,
         cached_tokens=cache_read,
+        cache_write_tokens=cache_write,
     )
 
 

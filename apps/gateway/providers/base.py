@@ -33,14 +33,17 @@ class Usage:
     """Token counts of one call, normalised to OpenAI's meaning.
 
     ``prompt_tokens`` counts every prompt token, cached or not (OpenAI's definition);
-    ``cached_tokens`` is the part of it read from a prompt cache. An adapter whose
-    upstream counts differently (Anthropic's ``input_tokens`` excludes cache reads and
-    writes) converts here, so nothing downstream can count a token twice.
+    ``cached_tokens`` is the part of it read from a prompt cache and
+    ``cache_write_tokens`` the part written to one (priced apart: Anthropic charges more
+    for a write than for plain input; OpenAI-compatible upstreams report none). An
+    adapter whose upstream counts differently (Anthropic's ``input_tokens`` excludes
+    cache reads and writes) converts here, so nothing downstream can count a token twice.
     """
 
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
