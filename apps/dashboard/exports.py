@@ -30,6 +30,7 @@ DAILY_COLUMNS = (
     "requests",
     "prompt_tokens",
     "cached_tokens",
+    "cache_write_tokens",
     "completion_tokens",
     "cost_usd",
 )
@@ -41,6 +42,7 @@ REQUEST_COLUMNS = (
     "model",
     "prompt_tokens",
     "cached_tokens",
+    "cache_write_tokens",
     "completion_tokens",
     "cost_usd",
     "charged_usd",
@@ -89,6 +91,7 @@ async def _daily_rows(rollups: QuerySet[UsageRollup]) -> AsyncIterator[tuple[Any
             rollup.requests,
             rollup.prompt_tokens,
             rollup.cached_tokens,
+            rollup.cache_write_tokens,
             rollup.completion_tokens,
             format_usd(rollup.cost_nano),
         )
@@ -103,6 +106,7 @@ async def _request_rows(records: QuerySet[UsageRecord]) -> AsyncIterator[tuple[A
             record.model,
             record.prompt_tokens,
             record.cached_tokens,
+            record.cache_write_tokens,
             record.completion_tokens,
             format_usd(record.cost_nano),
             format_usd(record.charged_nano),

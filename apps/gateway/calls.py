@@ -611,6 +611,7 @@ def _billed_usage(call: Call) -> Usage:
             prompt_tokens=call.usage.prompt_tokens or call.prompt_tokens,
             completion_tokens=completion,
             cached_tokens=call.usage.cached_tokens,
+            cache_write_tokens=call.usage.cache_write_tokens,
         )
     return Usage(prompt_tokens=call.prompt_tokens, completion_tokens=completion)
 
@@ -626,6 +627,7 @@ def _outcome(call: Call, usage: Usage) -> CallOutcome:
         channel_id=call.channel.id if call.channel else None,
         prompt_tokens=usage.prompt_tokens,
         cached_tokens=usage.cached_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
         completion_tokens=usage.completion_tokens,
         usage_source=UsageSource.UPSTREAM if call.usage_is_final else UsageSource.ESTIMATED,
         end_reason=call.end_reason,

@@ -55,6 +55,7 @@ def observe_call(outcome: CallOutcome, charged_nano: int) -> None:
         TIME_TO_FIRST_TOKEN.labels(model=model).observe(outcome.ttft_ms / 1000)
     TOKENS.labels(model=model, kind="prompt").inc(outcome.prompt_tokens)
     TOKENS.labels(model=model, kind="cached").inc(outcome.cached_tokens)
+    TOKENS.labels(model=model, kind="cache_write").inc(outcome.cache_write_tokens)
     TOKENS.labels(model=model, kind="completion").inc(outcome.completion_tokens)
     SPEND.labels(model=model).inc(charged_nano)
 

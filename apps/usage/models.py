@@ -26,10 +26,13 @@ class EndReason(models.TextChoices):
 class UsageRecord(models.Model):
     """A settled call. `request_id` is the `chatcmpl-…` id the customer saw.
 
-    `cost_nano` is the metered cost at `price` (the price version in force when the call
-    was made); `charged_nano` is what the ledger `transfer` took, equal to the cost unless
-    the balance could not cover an upstream's count beyond our hold, in which case the
-    difference was never collected. Created once per call, in the settlement transaction.
+    `prompt_tokens` counts every prompt token (OpenAI's meaning); `cached_tokens` is the
+    part of it read from a prompt cache and `cache_write_tokens` the part written to one,
+    each priced at its own rate. `cost_nano` is the metered cost at `price` (the price
+    version in force when the call was made); `charged_nano` is what the ledger `transfer`
+    took, equal to the cost unless the balance could not cover an upstream's count beyond
+    our hold, in which case the difference was never collected. Created once per call, in
+    the settlement transaction.
     """
 
     request_id = models.CharField(max_length=64)
@@ -48,6 +51,9 @@ class UsageRecord(models.Model):
     )
     prompt_tokens = models.PositiveIntegerField(default=0)
     cached_tokens = models.PositiveIntegerField(default=0)
+    # A default in the database too: while a deploy runs, processes of the release before
+    # still settle calls, with statements that do not name this column.
+    cache_write_tokens = models.PositiveIntegerField(default=0, db_default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     cost_nano = models.BigIntegerField(default=0)
     charged_nano = models.BigIntegerField(default=0)
@@ -94,6 +100,7 @@ class UsageRollup(models.Model):
     requests = models.PositiveIntegerField(default=0)
     prompt_tokens = models.BigIntegerField(default=0)
     cached_tokens = models.BigIntegerField(default=0)
+    cache_write_tokens = models.BigIntegerField(default=0)
     completion_tokens = models.BigIntegerField(default=0)
     cost_nano = models.BigIntegerField(default=0)
 

@@ -41,6 +41,7 @@ class CallOutcome:
     channel_id: int | None
     prompt_tokens: int
     cached_tokens: int
+    cache_write_tokens: int
     completion_tokens: int
     usage_source: str
     end_reason: str
@@ -116,6 +117,7 @@ def _record_fields(outcome: CallOutcome, cost_nano: Nano, charged_nano: Nano) ->
         "channel_id": outcome.channel_id,
         "prompt_tokens": outcome.prompt_tokens,
         "cached_tokens": outcome.cached_tokens,
+        "cache_write_tokens": outcome.cache_write_tokens,
         "completion_tokens": outcome.completion_tokens,
         "cost_nano": cost_nano,
         "charged_nano": charged_nano,
@@ -219,12 +221,14 @@ WITH claimed AS (
 ), record AS (
     INSERT INTO usage_usagerecord
         (request_id, organization_id, api_key_id, model, price_id, channel_id, transfer_id,
-         prompt_tokens, cached_tokens, completion_tokens, cost_nano, charged_nano,
-         usage_source, end_reason, status_code, is_stream, latency_ms, ttft_ms, created_at)
+         prompt_tokens, cached_tokens, cache_write_tokens, completion_tokens, cost_nano,
+         charged_nano, usage_source, end_reason, status_code, is_stream, latency_ms, ttft_ms,
+         created_at)
     SELECT %(request_id)s, %(organization_id)s, %(api_key_id)s, %(model)s, %(price_id)s,
         %(channel_id)s, (SELECT id FROM transfer), %(prompt_tokens)s, %(cached_tokens)s,
-        %(completion_tokens)s, %(cost_nano)s, %(charged_nano)s, %(usage_source)s,
-        %(end_reason)s, %(status_code)s, %(is_stream)s, %(latency_ms)s, %(ttft_ms)s, %(now)s
+        %(cache_write_tokens)s, %(completion_tokens)s, %(cost_nano)s, %(charged_nano)s,
+        %(usage_source)s, %(end_reason)s, %(status_code)s, %(is_stream)s, %(latency_ms)s,
+        %(ttft_ms)s, %(now)s
     FROM debited
     RETURNING id
 )
@@ -304,6 +308,7 @@ def rollups_refresh(*, since: datetime, period: RollupPeriod) -> int:
             requests=Count("pk"),
             prompt=Sum("prompt_tokens"),
             cached=Sum("cached_tokens"),
+            cache_write=Sum("cache_write_tokens"),
             completion=Sum("completion_tokens"),
             cost=Sum("charged_nano"),
         )
@@ -319,6 +324,7 @@ def rollups_refresh(*, since: datetime, period: RollupPeriod) -> int:
             requests=group["requests"],
             prompt_tokens=group["prompt"],
             cached_tokens=group["cached"],
+            cache_write_tokens=group["cache_write"],
             completion_tokens=group["completion"],
             cost_nano=group["cost"],
         )

@@ -32,6 +32,10 @@ def settle_call(hold_id: int, outcome: dict) -> str | None:
     twice changes nothing (see call_settle)."""
     hold = Hold.objects.get(pk=hold_id)
     price = Price.objects.get(pk=outcome["price_id"])
+    # Queued by a web process of the release before cache writes were counted apart (a
+    # worker upgraded first, during a deploy): its prompt_tokens include them, billed at
+    # the input rate as that release held and billed them.
+    outcome = {"cache_write_tokens": 0, **outcome}
     record = call_settle(hold=hold, outcome=CallOutcome(**outcome), rates=price)
     if record is None:
         logger.error("call %s could not be settled: its hold was released", outcome["request_id"])

@@ -46,7 +46,9 @@ def traffic(funded_org, api_key, price):
     day20 = datetime(2026, 11, 20, 8, 0, 5, tzinfo=UTC)
     settled_call(funded_org, api_key, price, "chatcmpl-old", at=datetime(2026, 10, 1, tzinfo=UTC))
     settled_call(funded_org, api_key, price, "chatcmpl-a", at=day18, latency_ms=300)
-    settled_call(funded_org, api_key, price, "chatcmpl-b", at=day18, latency_ms=310)
+    settled_call(
+        funded_org, api_key, price, "chatcmpl-b", at=day18, latency_ms=310, cache_write_tokens=5
+    )
     settled_call(
         funded_org,
         ci_key,
@@ -72,9 +74,10 @@ def test_the_daily_export_is_the_rollup_rows_of_the_last_30_days(client, owner, 
     )
     test_key, ci_key = traffic["test"].display, traffic["ci"].display
     assert _csv(response) == (
-        "date,model,key,key_name,requests,prompt_tokens,cached_tokens,completion_tokens,cost_usd\r\n"
-        f"2026-11-18,gpt-4o,{test_key},test key,2,100,20,200,0.002225000\r\n"
-        f"2026-11-20,mini,{ci_key},'=HYPERLINK(evil),1,50,0,100,0.000450000\r\n"
+        "date,model,key,key_name,requests,prompt_tokens,cached_tokens,cache_write_tokens,"
+        "completion_tokens,cost_usd\r\n"
+        f"2026-11-18,gpt-4o,{test_key},test key,2,100,20,5,200,0.002225000\r\n"
+        f"2026-11-20,mini,{ci_key},'=HYPERLINK(evil),1,50,0,0,100,0.000450000\r\n"
     )
 
 
@@ -87,15 +90,15 @@ def test_the_request_export_has_every_matching_call_with_exact_money(client, own
     )
     test_key, ci_key = traffic["test"].display, traffic["ci"].display
     assert _csv(response) == (
-        "time_utc,request_id,key,key_name,model,prompt_tokens,cached_tokens,completion_tokens,"
-        "cost_usd,charged_usd,latency_ms,status,end_reason,stream\r\n"
-        f"2026-11-20T08:00:05+00:00,chatcmpl-c,{ci_key},'=HYPERLINK(evil),mini,50,0,100,"
+        "time_utc,request_id,key,key_name,model,prompt_tokens,cached_tokens,cache_write_tokens,"
+        "completion_tokens,cost_usd,charged_usd,latency_ms,status,end_reason,stream\r\n"
+        f"2026-11-20T08:00:05+00:00,chatcmpl-c,{ci_key},'=HYPERLINK(evil),mini,50,0,0,100,"
         "0.000450000,0.000450000,12,502,upstream_error,false\r\n"
-        f"2026-11-18T09:30:00+00:00,chatcmpl-b,{test_key},test key,gpt-4o,50,10,100,"
+        f"2026-11-18T09:30:00+00:00,chatcmpl-b,{test_key},test key,gpt-4o,50,10,5,100,"
         "0.001112500,0.001112500,310,200,done,false\r\n"
-        f"2026-11-18T09:30:00+00:00,chatcmpl-a,{test_key},test key,gpt-4o,50,10,100,"
+        f"2026-11-18T09:30:00+00:00,chatcmpl-a,{test_key},test key,gpt-4o,50,10,0,100,"
         "0.001112500,0.001112500,300,200,done,false\r\n"
-        f"2026-10-01T00:00:00+00:00,chatcmpl-old,{test_key},test key,gpt-4o,50,10,100,"
+        f"2026-10-01T00:00:00+00:00,chatcmpl-old,{test_key},test key,gpt-4o,50,10,0,100,"
         "0.001112500,0.001112500,12,200,done,false\r\n"
     )
 

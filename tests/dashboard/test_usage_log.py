@@ -50,6 +50,15 @@ def test_a_row_shows_time_key_model_tokens_cost_latency_status_and_request_id(
     assert "<code>chatcmpl-shown</code>" in row
 
 
+def test_a_row_shows_the_prompt_tokens_written_to_the_cache(client, funded_org, owner, price):
+    settled_call(funded_org, None, price, "chatcmpl-written", cache_write_tokens=30)
+    row = _log(login(client, owner)).split("request-log", 1)[1]
+    assert (
+        '><span>50 <span class="muted">(10 cached)</span>'
+        ' <span class="muted">(30 written to cache)</span></span><'
+    ) in row
+
+
 def test_an_incomplete_or_failed_call_says_how_it_ended(client, funded_org, owner, price):
     settled_call(funded_org, None, price, "chatcmpl-gone", end_reason=EndReason.CLIENT_GONE)
     settled_call(

@@ -191,6 +191,7 @@ def test_an_anthropic_channel_answers_in_openais_shape_and_bills_its_cache_token
     assert live.upstream.calls == []
     (record,) = live.records()
     assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (20, 4, 6)
+    assert record.cache_write_tokens == 6
     assert record.usage_source == UsageSource.UPSTREAM
     # 16 uncached prompt tokens at $3, 4 cache reads at $0.30, 6 output tokens at $15 per 1M.
     expected = 16 * 3_000 + 4 * 300 + 6 * 15_000
@@ -264,3 +265,15 @@ def test_an_upstream_reporting_more_output_than_allowed_is_billed_no_more_than_m
     assert (record.prompt_tokens, record.completion_tokens) == (10, 3)
     assert record.usage_source == UsageSource.UPSTREAM
     assert live.balance_nano() == before - cost_of(record)
+
+
+def test_an_answer_capped_at_max_tokens_keeps_its_cache_writes(live, claude):
+    # Two words and a tool call of two more tokens, against a limit of three.
+    claude.configure(tokens=2, tool_call=PARIS, prompt_tokens=10, cache_creation_tokens=6)
+    answer = live.sdk.chat.completions.create(
+        model="claude-sonnet-4", messages=MESSAGES, tools=[WEATHER_TOOL], max_tokens=3
+    )
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (16, 3)
+    (record,) = live.records()
+    assert (record.prompt_tokens, record.cache_write_tokens, record.completion_tokens) == (16, 6, 3)
+    assert record.charged_nano == cost_of(record)

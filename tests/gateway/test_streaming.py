@@ -221,6 +221,7 @@ def test_an_anthropic_stream_is_openai_shaped_and_bills_its_cache_tokens(live, c
     assert claude.calls[-1].body["stream"] is True
     (record,) = live.wait_settled()
     assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (20, 4, 7)
+    assert record.cache_write_tokens == 6
     assert record.charged_nano == cost_of(record) == 16 * 3_000 + 4 * 300 + 7 * 15_000
     assert live.balance_nano() == before - record.charged_nano
 
@@ -370,7 +371,7 @@ def test_an_upstream_error_before_any_text_bills_nothing(live, backup):
 
 
 def test_an_anthropic_error_mid_stream_bills_only_what_was_delivered(live, claude):
-    claude.configure(tokens=8, error_after=3, prompt_tokens=30)
+    claude.configure(tokens=8, error_after=3, prompt_tokens=30, cache_creation_tokens=12)
     before = live.balance_nano()
     _response, events = live.stream(streamed("claude-sonnet-4"))
     chunks, error = failed_stream(events)
@@ -378,7 +379,8 @@ def test_an_anthropic_error_mid_stream_bills_only_what_was_delivered(live, claud
     assert text_of(chunks) == text_for(3)
     (record,) = live.wait_settled()
     assert record.end_reason == EndReason.UPSTREAM_ERROR
-    assert record.prompt_tokens == 30  # Anthropic's own count, sent before the failure
+    # Anthropic's own count, sent before the failure: the cache writes are made by then.
+    assert (record.prompt_tokens, record.cache_write_tokens) == (42, 12)
     assert record.completion_tokens == tokens(3)
     assert live.balance_nano() == before - cost_of(record)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import time_machine
 
@@ -9,12 +11,15 @@ from apps.billing.models import Account, ReconciliationReport
 from apps.billing.services import account_for_organization
 from apps.usage.models import EndReason, RollupPeriod, UsageRecord, UsageRollup, UsageSource
 from apps.usage.services import CallOutcome, books_reconcile, call_settle
-from apps.usage.tasks import reconcile_books, rollup_usage
+from apps.usage.tasks import reconcile_books, rollup_usage, settle_call
 from tests.billing.holds import hold_of
 
 
-def call_outcome(org, api_key, price, request_id: str, completion_tokens: int = 100) -> CallOutcome:
-    """A finished call of 50 prompt tokens (10 cached) on gpt-4o."""
+def call_outcome(
+    org, api_key, price, request_id: str, completion_tokens: int = 100, cache_write_tokens: int = 0
+) -> CallOutcome:
+    """A finished call of 50 prompt tokens (10 cached, `cache_write_tokens` written to the
+    cache) on gpt-4o."""
     return CallOutcome(
         request_id=request_id,
         organization_id=org.pk,
@@ -24,6 +29,7 @@ def call_outcome(org, api_key, price, request_id: str, completion_tokens: int = 
         channel_id=None,
         prompt_tokens=50,
         cached_tokens=10,
+        cache_write_tokens=cache_write_tokens,
         completion_tokens=completion_tokens,
         usage_source=UsageSource.UPSTREAM,
         end_reason=EndReason.DONE,
@@ -35,11 +41,11 @@ def call_outcome(org, api_key, price, request_id: str, completion_tokens: int = 
 
 
 def _settled_call(
-    org, api_key, price, request_id: str, completion_tokens: int = 100
+    org, api_key, price, request_id: str, completion_tokens: int = 100, cache_write_tokens: int = 0
 ) -> UsageRecord:
     account = account_for_organization(organization=org)
     hold = hold_of(account, 10**7, request_id)
-    outcome = call_outcome(org, api_key, price, request_id, completion_tokens)
+    outcome = call_outcome(org, api_key, price, request_id, completion_tokens, cache_write_tokens)
     return call_settle(hold=hold, outcome=outcome, rates=price)
 
 
@@ -68,6 +74,7 @@ def _outcome_fields(record: UsageRecord) -> dict:
         "channel_id": None,
         "prompt_tokens": record.prompt_tokens,
         "cached_tokens": record.cached_tokens,
+        "cache_write_tokens": record.cache_write_tokens,
         "completion_tokens": record.completion_tokens,
         "usage_source": record.usage_source,
         "end_reason": record.end_reason,
@@ -76,6 +83,20 @@ def _outcome_fields(record: UsageRecord) -> dict:
         "latency_ms": 1,
         "ttft_ms": None,
     }
+
+
+def test_a_settlement_queued_before_cache_writes_were_counted_apart_still_settles(
+    funded_org, api_key, price
+):
+    """During a deploy, a web process of the release before may queue a settlement for an
+    upgraded worker: its outcome has no cache_write_tokens."""
+    hold = hold_of(account_for_organization(organization=funded_org), 10**7, "chatcmpl-old")
+    queued = asdict(call_outcome(funded_org, api_key, price, "chatcmpl-old"))
+    del queued["cache_write_tokens"]
+    assert settle_call(hold.pk, queued) == "chatcmpl-old"
+    record = UsageRecord.objects.get(request_id="chatcmpl-old")
+    assert record.cache_write_tokens == 0
+    assert record.charged_nano == 40 * 2_500 + 10 * 1_250 + 100 * 10_000
 
 
 def test_reconcile_stores_a_clean_report(funded_org, api_key, price):
@@ -110,18 +131,23 @@ def test_rollups_sum_usage_per_hour_and_day_and_a_rerun_changes_nothing(
 ):
     with time_machine.travel("2026-11-20 10:15:00+00:00", tick=False):
         first = _settled_call(funded_org, api_key, price, "chatcmpl-a", completion_tokens=100)
-        _settled_call(funded_org, api_key, price, "chatcmpl-b", completion_tokens=200)
+        _settled_call(
+            funded_org, api_key, price, "chatcmpl-b", completion_tokens=200, cache_write_tokens=30
+        )
     with time_machine.travel("2026-11-20 11:05:00+00:00", tick=False):
         _settled_call(funded_org, api_key, price, "chatcmpl-c", completion_tokens=300)
         for _ in range(runs):
             rollup_usage(hours=3)
     hours = UsageRollup.objects.filter(period=RollupPeriod.HOUR).order_by("period_start")
-    assert [(r.period_start.hour, r.requests, r.completion_tokens) for r in hours] == [
-        (10, 2, 300),
-        (11, 1, 300),
+    assert [
+        (r.period_start.hour, r.requests, r.completion_tokens, r.cache_write_tokens) for r in hours
+    ] == [
+        (10, 2, 300, 30),
+        (11, 1, 300, 0),
     ]
     (day,) = UsageRollup.objects.filter(period=RollupPeriod.DAY)
     assert (day.requests, day.prompt_tokens, day.cached_tokens) == (3, 150, 30)
+    assert day.cache_write_tokens == 30
     assert day.cost_nano == sum(UsageRecord.objects.values_list("charged_nano", flat=True))
     assert day.api_key_id == api_key.pk
     assert day.model == "gpt-4o"

@@ -80,12 +80,15 @@ def test_both_settlements_write_the_same_books(funded_org, api_key, price):
     ):
         hold, _max = _hold(funded_org, api_key, price, request_id)
         before = _books(funded_org)
-        outcome = call_outcome(funded_org, api_key, price, request_id, completion_tokens=120)
+        outcome = call_outcome(
+            funded_org, api_key, price, request_id, completion_tokens=120, cache_write_tokens=20
+        )
         record = settle(hold=hold, outcome=outcome, cost_nano=1_237_500)
         after = _books(funded_org)
         stored = UsageRecord.objects.get(request_id=request_id)
         transfer = Transfer.objects.get(pk=stored.transfer_id)
         assert record.pk == stored.pk
+        assert record.cache_write_tokens == stored.cache_write_tokens == 20
         assert record.charged_nano == stored.charged_nano == 1_237_500
         assert (transfer.kind, transfer.amount_nano, transfer.api_key_id) == (
             TransferKind.CHARGE,
