@@ -103,7 +103,11 @@ def test_an_organization_funded_for_n_calls_gets_at_most_n_of_5n_concurrent_call
     with OpenAIFake(tokens=MAX_TOKENS, prompt_tokens=prompt, pace=0.005) as fake:
         _org, price, key = _setup(fake, 0)
         cost = call_cost_nano(
-            prompt_tokens=prompt, cached_tokens=0, completion_tokens=MAX_TOKENS, rates=price
+            prompt_tokens=prompt,
+            cached_tokens=0,
+            cache_write_tokens=0,
+            completion_tokens=MAX_TOKENS,
+            rates=price,
         )
         org_id = _org.pk
         credit_grant(organization=_org, amount_nano=n * cost)
@@ -233,7 +237,9 @@ def test_a_settlement_that_fails_on_a_database_blip_is_finished_later_exactly_on
     record = UsageRecord.objects.get()
     assert (record.prompt_tokens, record.completion_tokens) == (12, 30)
     assert record.end_reason == EndReason.DONE
-    cost = call_cost_nano(prompt_tokens=12, cached_tokens=0, completion_tokens=30, rates=price)
+    cost = call_cost_nano(
+        prompt_tokens=12, cached_tokens=0, cache_write_tokens=0, completion_tokens=30, rates=price
+    )
     assert record.charged_nano == cost
     assert Hold.objects.get().status == HoldStatus.SETTLED
     assert Transfer.objects.filter(kind=TransferKind.CHARGE).count() == 1

@@ -39,6 +39,7 @@ class Rates(Protocol):
     input_nano_per_mtok: int
     output_nano_per_mtok: int
     cached_input_nano_per_mtok: int
+    cache_write_nano_per_mtok: int
 
 
 def parse_usd(text: str, *, allow_zero: bool = True) -> Nano:
@@ -79,33 +80,66 @@ def _div_round_half_up(numerator: int, denominator: int) -> int:
 
 
 def call_cost_nano(
-    *, prompt_tokens: int, cached_tokens: int, completion_tokens: int, rates: Rates
+    *,
+    prompt_tokens: int,
+    cached_tokens: int,
+    cache_write_tokens: int,
+    completion_tokens: int,
+    rates: Rates,
 ) -> Nano:
     """Cost of one call. The only place a price meets a token count.
 
-    `prompt_tokens` counts every prompt token (OpenAI's meaning) and `cached_tokens` the
-    part of it read from a cache, billed at the cached-input rate instead.
+    `prompt_tokens` counts every prompt token (OpenAI's meaning); `cached_tokens` is the
+    part of it read from a prompt cache and `cache_write_tokens` the part written to one,
+    each billed at its own rate instead of the input rate.
     """
-    if min(prompt_tokens, cached_tokens, completion_tokens) < 0 or cached_tokens > prompt_tokens:
-        raise ValueError("token counts must be non-negative, cached within prompt")
+    if min(prompt_tokens, cached_tokens, cache_write_tokens, completion_tokens) < 0:
+        raise ValueError("token counts must be non-negative")
+    if cached_tokens + cache_write_tokens > prompt_tokens:
+        raise ValueError("cache reads and writes are parts of the prompt: within prompt_tokens")
     exact = (
-        (prompt_tokens - cached_tokens) * rates.input_nano_per_mtok
+        (prompt_tokens - cached_tokens - cache_write_tokens) * rates.input_nano_per_mtok
         + cached_tokens * rates.cached_input_nano_per_mtok
+        + cache_write_tokens * rates.cache_write_nano_per_mtok
         + completion_tokens * rates.output_nano_per_mtok
     )
     return _div_round_half_up(exact, TOKENS_PER_QUOTE)
 
 
-def affordable_completion_tokens(*, available_nano: Nano, prompt_tokens: int, rates: Rates) -> int:
-    """The most output tokens whose cost, with this prompt, fits in `available_nano`.
+def _dearest_prompt_rate(rates: Rates) -> int:
+    """What a prompt token may cost at most. Before a call nobody knows how much of its
+    prompt the upstream will read from its cache or write to it (a write costs more than
+    plain input at Anthropic), so the worst case prices every prompt token at the dearest
+    of the three rates."""
+    return max(
+        rates.input_nano_per_mtok, rates.cached_input_nano_per_mtok, rates.cache_write_nano_per_mtok
+    )
 
-    The inverse of `call_cost_nano` under the same rounding: cost ≤ available exactly
+
+def worst_case_cost_nano(*, prompt_tokens: int, completion_tokens: int, rates: Rates) -> Nano:
+    """The most a call of this size can cost, however its prompt turns out to be split
+    between input, cache reads and cache writes: what a hold must cover, so that a
+    settlement never exceeds its hold because of the cache.
+
+    `call_cost_nano` is linear in that split, so its maximum is the whole prompt at the
+    dearest rate; rounded by the same rule, it is never less than the cost of any split.
+    """
+    exact = (
+        prompt_tokens * _dearest_prompt_rate(rates) + completion_tokens * rates.output_nano_per_mtok
+    )
+    return _div_round_half_up(exact, TOKENS_PER_QUOTE)
+
+
+def affordable_completion_tokens(*, available_nano: Nano, prompt_tokens: int, rates: Rates) -> int:
+    """The most output tokens whose worst-case cost, with this prompt, fits in
+    `available_nano`.
+
+    The inverse of `worst_case_cost_nano` under the same rounding: cost ≤ available exactly
     when 2·exact < (2·available + 1)·10⁶. Returns -1 if even the prompt does not fit.
     A model with a zero output price affords any length: the caller caps it.
     """
-    budget = (
-        2 * available_nano + 1
-    ) * TOKENS_PER_QUOTE - 2 * prompt_tokens * rates.input_nano_per_mtok
+    prompt_exact = prompt_tokens * _dearest_prompt_rate(rates)
+    budget = (2 * available_nano + 1) * TOKENS_PER_QUOTE - 2 * prompt_exact
     if budget <= 0:
         return -1
     per_token = 2 * rates.output_nano_per_mtok

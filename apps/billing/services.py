@@ -26,8 +26,8 @@ from apps.billing.money import (
     Nano,
     Rates,
     affordable_completion_tokens,
-    call_cost_nano,
     format_usd,
+    worst_case_cost_nano,
 )
 from apps.keys.models import ApiKey, BudgetPeriod
 from apps.tenancy.models import Membership, Organization, Role, User
@@ -290,10 +290,12 @@ class CallQuote:
         return self.prompt_tokens + (self.max_tokens or self.output_cap) * self.n
 
     def cost_with(self, output_tokens: int) -> Nano:
-        """What the prompt and `output_tokens` of output for each of the `n` choices cost."""
-        return call_cost_nano(
+        """The most that the prompt and `output_tokens` of output for each of the `n`
+        choices may cost, however the upstream splits the prompt between input, cache
+        reads and cache writes: what the hold covers. `affordable_completion_tokens`, which
+        the careful path caps a call with, is its exact inverse."""
+        return worst_case_cost_nano(
             prompt_tokens=self.prompt_tokens,
-            cached_tokens=0,
             completion_tokens=output_tokens * self.n,
             rates=self.rates,
         )

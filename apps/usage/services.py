@@ -98,6 +98,7 @@ def _call_cost(outcome: CallOutcome, rates: Rates) -> Nano:
     return call_cost_nano(
         prompt_tokens=outcome.prompt_tokens,
         cached_tokens=outcome.cached_tokens,
+        cache_write_tokens=outcome.cache_write_tokens,
         completion_tokens=outcome.completion_tokens,
         rates=rates,
     )

@@ -21,6 +21,7 @@ class _OneNanoPerPromptToken:
     input_nano_per_mtok: int = TOKENS_PER_QUOTE
     output_nano_per_mtok: int = 0
     cached_input_nano_per_mtok: int = 0
+    cache_write_nano_per_mtok: int = 0
 
 
 def hold_of(

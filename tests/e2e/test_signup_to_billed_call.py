@@ -107,6 +107,7 @@ def test_sign_up_create_a_key_redeem_a_code_and_see_the_call_billed(
     cost = call_cost_nano(
         prompt_tokens=completion.usage.prompt_tokens,
         cached_tokens=0,
+        cache_write_tokens=0,
         completion_tokens=completion.usage.completion_tokens,
         rates=gpt4o,
     )

@@ -205,6 +205,7 @@ def cost_of(record: UsageRecord) -> int:
     return call_cost_nano(
         prompt_tokens=record.prompt_tokens,
         cached_tokens=record.cached_tokens,
+        cache_write_tokens=record.cache_write_tokens,
         completion_tokens=record.completion_tokens,
         rates=Price.objects.get(pk=record.price_id),
     )
@@ -255,16 +256,18 @@ def live(transactional_db, real200_url, openai_fake) -> Iterator[Live]:
         connections.close_all()
 
 
-CLAUDE_RATES = {"input": "3.00", "cached": "0.30", "output": "15.00"}
+CLAUDE_RATES = {"input": "3.00", "cached": "0.30", "cache_write": "3.75", "output": "15.00"}
 
 
 @pytest.fixture
 def claude(live, anthropic_fake) -> AnthropicFake:
-    """`claude-sonnet-4`, priced $3 / $0.30 cached / $15 per 1M, served by an Anthropic fake."""
+    """`claude-sonnet-4`, priced $3 / $0.30 cache read / $3.75 cache write / $15 per 1M,
+    served by an Anthropic fake."""
     price_set(
         model_name="claude-sonnet-4",
         input_nano_per_mtok=parse_usd(CLAUDE_RATES["input"]),
         cached_input_nano_per_mtok=parse_usd(CLAUDE_RATES["cached"]),
+        cache_write_nano_per_mtok=parse_usd(CLAUDE_RATES["cache_write"]),
         output_nano_per_mtok=parse_usd(CLAUDE_RATES["output"]),
     )
     live.add_channel(

@@ -8,6 +8,7 @@ import httpx
 import orjson
 import pytest
 
+from apps.billing.models import Hold, HoldStatus
 from apps.gateway.tokens import count_prompt_tokens, count_text_tokens
 from apps.usage.models import EndReason, UsageSource
 from tests.fakes import text_for
@@ -193,10 +194,41 @@ def test_an_anthropic_channel_answers_in_openais_shape_and_bills_its_cache_token
     assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (20, 4, 6)
     assert record.cache_write_tokens == 6
     assert record.usage_source == UsageSource.UPSTREAM
-    # 16 uncached prompt tokens at $3, 4 cache reads at $0.30, 6 output tokens at $15 per 1M.
-    expected = 16 * 3_000 + 4 * 300 + 6 * 15_000
+    # Per 1M tokens: 10 plain prompt tokens at $3, 4 cache reads at $0.30, 6 cache writes at
+    # $3.75, 6 output tokens at $15.
+    expected = 10 * 3_000 + 4 * 300 + 6 * 3_750 + 6 * 15_000
     assert record.cost_nano == record.charged_nano == expected == cost_of(record)
     assert live.balance_nano() == before - expected
+
+
+def test_a_prompt_written_whole_to_the_cache_costs_no_more_than_its_hold(live, claude):
+    """The hold prices every prompt token at the dearest prompt rate, here the cache-write
+    rate: a prompt the upstream writes whole to its cache, with all the output the call may
+    have, costs exactly its hold (at the input rate the hold would fall short). Settled by
+    the one statement, which takes a cost within the hold, and charged in full."""
+    messages = [{"role": "user", "content": "Keep this long document in mind."}]
+    prompt = count_prompt_tokens(messages, "claude-sonnet-4")  # what the hold is placed for
+    claude.configure(tokens=20, prompt_tokens=0, cache_creation_tokens=prompt)
+    before = live.balance_nano()
+    raw = live.sdk.chat.completions.with_raw_response.create(
+        model="claude-sonnet-4", messages=messages, max_tokens=20
+    )
+    usage = raw.http_response.json()["usage"]
+    # OpenAI's shape, nothing added: cache writes are prompt tokens, and not cache reads.
+    assert usage == {"prompt_tokens": prompt, "completion_tokens": 20, "total_tokens": prompt + 20}
+    (record,) = live.records()
+    assert (record.prompt_tokens, record.cached_tokens, record.cache_write_tokens) == (
+        prompt,
+        0,
+        prompt,
+    )
+    expected = prompt * 3_750 + 20 * 15_000
+    assert record.cost_nano == record.charged_nano == expected == cost_of(record)
+    hold = Hold.objects.get(request_id=record.request_id)
+    assert (hold.amount_nano, hold.status) == (expected, HoldStatus.SETTLED)
+    assert expected > prompt * 3_000 + 20 * 15_000
+    assert live.balance_nano() == before - expected
+    assert live.held_nano() == 0
 
 
 def test_an_anthropic_tool_call_comes_back_as_an_openai_tool_call(live, claude):

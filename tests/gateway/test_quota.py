@@ -33,7 +33,11 @@ def affordable(balance: str) -> int:
 
 def cost(completion_tokens: int) -> int:
     return call_cost_nano(
-        prompt_tokens=PROMPT, cached_tokens=0, completion_tokens=completion_tokens, rates=gpt4o()
+        prompt_tokens=PROMPT,
+        cached_tokens=0,
+        cache_write_tokens=0,
+        completion_tokens=completion_tokens,
+        rates=gpt4o(),
     )
 
 

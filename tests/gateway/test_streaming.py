@@ -222,7 +222,7 @@ def test_an_anthropic_stream_is_openai_shaped_and_bills_its_cache_tokens(live, c
     (record,) = live.wait_settled()
     assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (20, 4, 7)
     assert record.cache_write_tokens == 6
-    assert record.charged_nano == cost_of(record) == 16 * 3_000 + 4 * 300 + 7 * 15_000
+    assert record.charged_nano == cost_of(record) == 10 * 3_000 + 4 * 300 + 6 * 3_750 + 7 * 15_000
     assert live.balance_nano() == before - record.charged_nano
 
 
