@@ -8,6 +8,8 @@ import pytest
 from django.core.management.base import CommandError
 
 from apps.billing.models import Account, Transfer
+from apps.billing.money import parse_usd
+from apps.catalog.models import Price
 from apps.keys.models import ApiKey, hash_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +69,18 @@ def test_demo_is_idempotent_and_prints_a_fresh_key_last(run_command):
     assert first[0] == second[0] == "demo organization demo: balance 10.00 USD"
     assert Transfer.objects.count() == 1
     assert run_command("reconcile")[-1].startswith("books are clean")
+
+
+def test_demo_prices_claude_cache_writes_as_anthropic_does_and_others_at_input(run_command):
+    run_command("demo")
+    rates = dict(
+        Price.objects.values_list("model__name", "cache_write_nano_per_mtok").order_by("pk")
+    )
+    assert rates == {
+        "gpt-4o": parse_usd("2.50"),
+        "gpt-4o-mini": parse_usd("0.15"),
+        "claude-sonnet-4": parse_usd("3.75"),
+    }
 
 
 def test_a_refused_command_exits_non_zero_with_a_clear_message(tmp_path):

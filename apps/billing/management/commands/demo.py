@@ -19,11 +19,12 @@ DEMO_ORG = "demo"
 DEMO_OWNER = "demo@real200.local"
 DEMO_CREDIT_USD = "10.00"
 # The built-in demo channel answers under familiar names, so the quick-start examples run
-# unchanged. Prices are USD per million tokens: input, cached input, output.
+# unchanged. Prices are USD per million tokens: input, cached input, cache write, output
+# (OpenAI charges nothing extra for writing its cache; Anthropic 1.25 times its input).
 DEMO_MODELS = {
-    "gpt-4o": ("2.50", "1.25", "10.00"),
-    "gpt-4o-mini": ("0.15", "0.075", "0.60"),
-    "claude-sonnet-4": ("3.00", "0.30", "15.00"),
+    "gpt-4o": ("2.50", "1.25", "2.50", "10.00"),
+    "gpt-4o-mini": ("0.15", "0.075", "0.15", "0.60"),
+    "claude-sonnet-4": ("3.00", "0.30", "3.75", "15.00"),
 }
 
 
@@ -44,12 +45,13 @@ class Command(BaseCommand):
             kind=TransferKind.GRANT,
             memo="demo credit",
         )
-        for model, (input_usd, cached_usd, output_usd) in DEMO_MODELS.items():
+        for model, (input_usd, cached_usd, cache_write_usd, output_usd) in DEMO_MODELS.items():
             if not Price.objects.filter(model__name=model).exists():
                 price_set(
                     model_name=model,
                     input_nano_per_mtok=parse_usd(input_usd),
                     cached_input_nano_per_mtok=parse_usd(cached_usd),
+                    cache_write_nano_per_mtok=parse_usd(cache_write_usd),
                     output_nano_per_mtok=parse_usd(output_usd),
                 )
         if not Channel.objects.filter(name="demo").exists():
