@@ -314,6 +314,21 @@ def test_every_member_sees_models_with_prices_and_the_quick_start(client, org, p
         assert example in docs
 
 
+def test_the_models_page_shows_the_cache_write_price(client, owner, org):
+    price_set(
+        model_name="claude-sonnet-4",
+        input_nano_per_mtok=parse_usd("3"),
+        cached_input_nano_per_mtok=parse_usd("0.30"),
+        cache_write_nano_per_mtok=parse_usd("3.75"),
+        output_nano_per_mtok=parse_usd("15"),
+    )
+    make_callable("claude-sonnet-4")
+    client.force_login(owner)
+    page = client.get(_url("models-list")).content.decode()
+    assert '<th scope="col" class="num">Cache write</th>' in page
+    assert '<td class="num" data-label="Cache write">$3.75</td>' in page
+
+
 def test_fine_prices_show_the_places_they_need(client, owner, org):
     price_set(
         model_name="tiny",

@@ -47,7 +47,9 @@ def pages(org, owner, api_key, price, stripe_api) -> dict[str, str]:
     credit_grant(organization=org, amount_nano=parse_usd("20"), memo="欢迎")
     for i in range(3):
         settled_call(org, api_key, price, f"chatcmpl-{i}", at=NOW - timedelta(days=i))
-    settled_call(org, api_key, price, "chatcmpl-gone", at=NOW, end_reason="client_gone")
+    settled_call(
+        org, api_key, price, "chatcmpl-gone", at=NOW, end_reason="client_gone", cache_write_tokens=5
+    )
     hold_of(account_for_organization(organization=org), parse_usd("1"), "chatcmpl-live")
     with time_machine.travel(NOW, tick=False):
         refresh_daily_rollups(NOW - timedelta(days=40))
