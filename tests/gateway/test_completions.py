@@ -67,6 +67,28 @@ def test_a_non_streamed_call_is_openai_shaped_and_billed_exactly(live):
     assert live.held_nano() == 0
 
 
+@pytest.mark.parametrize(
+    ("reported", "billed"),
+    [
+        ({"prompt_tokens": 21.0, "cached_tokens": 5.0}, (21, 5)),  # whole floats: counts
+        ({"prompt_tokens": 21, "cached_tokens": 40}, (21, 21)),  # reads past the prompt
+        ({"prompt_tokens": 21, "cached_tokens": -3}, (21, 0)),
+    ],
+)
+def test_odd_usage_from_an_upstream_is_billed_in_whole_tokens(live, reported, billed):
+    """Counts a buggy compatible server may send must neither break the settlement (the
+    call would go unbilled, its hold left open) nor put a float into money."""
+    before = live.balance_nano()
+    live.upstream.configure(tokens=7, **reported)
+    assert live.post({"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 50}).status_code == 200
+    (record,) = live.records()
+    assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (*billed, 7)
+    assert type(record.cost_nano) is int
+    assert record.charged_nano == cost_of(record) > 0
+    assert live.balance_nano() == before - record.charged_nano
+    assert live.held_nano() == 0
+
+
 def test_every_call_has_an_id_of_its_own(live):
     ids = {
         live.sdk.chat.completions.create(

@@ -415,3 +415,21 @@ async def test_a_stream_may_last_longer_than_its_chunk_timeout(fake, client) -> 
     events = await collect(provider.stream(chat(stream=True), upstream, client))
 
     assert "".join(event.text for event in chunks(events)) == text_for(6)
+
+
+@pytest.mark.parametrize(
+    ("counts", "usage"),
+    [
+        ({"prompt": 12.0, "completion": 3.0}, Usage(12, 3)),
+        ({"prompt": None, "completion": "3"}, Usage(0, 0)),
+        ({"prompt": -4, "completion": True}, Usage(0, 0)),
+        ({"prompt": 10, "completion": 2.5}, Usage(10, 0)),
+        ({"prompt": 10, "completion": 1, "cached": 12}, Usage(10, 1, cached_tokens=10)),
+        (
+            {"prompt": 10, "completion": 1, "cached": 6, "cache_write": 9},
+            Usage(10, 1, cached_tokens=6, cache_write_tokens=4),
+        ),
+    ],
+)
+def test_reported_usage_is_whole_tokens_with_the_cache_inside_the_prompt(counts, usage) -> None:
+    assert Usage.reported(**counts) == usage

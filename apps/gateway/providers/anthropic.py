@@ -25,6 +25,7 @@ from apps.gateway.providers.base import (
     UpstreamRejected,
     Usage,
     UsageEvent,
+    token_count,
 )
 
 API_VERSION = "2023-06-01"
@@ -281,13 +282,13 @@ def _finish_reason(stop_reason: str | None) -> FinishReason:
 
 def _usage(usage: dict[str, Any]) -> Usage:
     # input_tokens leaves out the prompt tokens read from or written to the cache.
-    cache_read = usage.get("cache_read_input_tokens") or 0
-    cache_write = usage.get("cache_creation_input_tokens") or 0
-    return Usage(
-        prompt_tokens=(usage.get("input_tokens") or 0) + cache_read + cache_write,
-        completion_tokens=usage.get("output_tokens") or 0,
-        cached_tokens=cache_read,
-        cache_write_tokens=cache_write,
+    cache_read = token_count(usage.get("cache_read_input_tokens"))
+    cache_write = token_count(usage.get("cache_creation_input_tokens"))
+    return Usage.reported(
+        prompt=token_count(usage.get("input_tokens")) + cache_read + cache_write,
+        completion=usage.get("output_tokens"),
+        cached=cache_read,
+        cache_write=cache_write,
     )
 
 

@@ -49,6 +49,33 @@ class Usage:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @classmethod
+    def reported(
+        cls, *, prompt: object, completion: object, cached: object = 0, cache_write: object = 0
+    ) -> Usage:
+        """An upstream's counts, as its JSON gave them, made fit to bill: whole
+        non-negative numbers, and cache reads and writes within the prompt. A server that
+        sends 12.0, a null or a negative, or more cache reads than prompt tokens, must not
+        break a settlement (the call would go unbilled) nor put a float into money."""
+        prompt_tokens = token_count(prompt)
+        cached_tokens = min(token_count(cached), prompt_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=token_count(completion),
+            cached_tokens=cached_tokens,
+            cache_write_tokens=min(token_count(cache_write), prompt_tokens - cached_tokens),
+        )
+
+
+def token_count(value: object) -> int:
+    """A count from an upstream's JSON as an int: a whole number (12 or 12.0) if not
+    negative, else 0."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and value > 0 else 0
+
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
