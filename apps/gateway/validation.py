@@ -106,6 +106,10 @@ def _check_parts(parts: list, role: str, where: str) -> None:
         kind = part["type"]
         if kind in ("text", "refusal") and not isinstance(part.get(kind), str):
             raise InvalidRequest(f"'{at}.{kind}' must be a string.", param=f"{at}.{kind}")
+        if "cache_control" in part and not isinstance(part["cache_control"], dict):
+            raise InvalidRequest(
+                f"'{at}.cache_control' must be an object.", param=f"{at}.cache_control"
+            )
         image = part.get("image_url")
         if kind == "image_url" and not (
             isinstance(image, dict) and isinstance(image.get("url"), str)

@@ -64,6 +64,15 @@ BAD_REQUESTS = [
         "messages[0].content[0].text",
     ),
     _case(
+        "content-cache-control-not-an-object",
+        _with(
+            messages=[
+                {"role": "user", "content": [{"type": "text", "text": "x", "cache_control": "5m"}]}
+            ]
+        ),
+        "messages[0].content[0].cache_control",
+    ),
+    _case(
         "content-image-without-url",
         _with(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
         "messages[0].content[0].image_url.url",

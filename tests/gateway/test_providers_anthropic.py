@@ -253,6 +253,43 @@ async def test_content_anthropic_cannot_take_is_rejected_before_sending(fake, cl
     assert fake.calls == []
 
 
+async def test_cache_breakpoints_reach_anthropic_on_their_blocks(fake, client) -> None:
+    mark = {"type": "ephemeral"}
+    messages = [
+        {
+            "role": "system",
+            "content": [{"type": "text", "text": "A long manual.", "cache_control": mark}],
+        },
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": mark}]},
+    ]
+
+    body = await sent_body(fake, client, messages=messages)
+
+    assert body["system"] == [
+        {"type": "text", "text": "A long manual.", "cache_control": mark},
+        {"type": "text", "text": "Be brief."},
+    ]
+    assert body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": mark}]}
+    ]
+
+
+@pytest.mark.parametrize("mark", [{"type": "ephemeral", "ttl": "1h"}, {"type": "persistent"}, {}])
+async def test_a_cache_breakpoint_other_than_five_minutes_is_rejected(fake, client, mark) -> None:
+    """A one-hour write costs twice the input price; the model's one cache-write price
+    would undercharge it."""
+    part = {"type": "text", "text": "Hi", "cache_control": mark}
+    messages = [{"role": "user", "content": [part]}]
+
+    with pytest.raises(UpstreamRejected) as caught:
+        await provider.complete(chat(messages=messages), upstream_for(fake), client)
+
+    assert caught.value.status == 400
+    assert "five-minute" in caught.value.body["error"]["message"]
+    assert fake.calls == []
+
+
 async def test_tool_arguments_that_are_not_a_json_object_are_rejected(fake, client) -> None:
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1, 2"}}
     messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}]

@@ -95,20 +95,23 @@ def _anthropic_body(request: ChatRequest, upstream: Upstream) -> dict[str, Any]:
     return body
 
 
-def _messages(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+def _messages(
+    messages: list[dict[str, Any]],
+) -> tuple[str | list[dict[str, Any]], list[dict[str, Any]]]:
     """Split out the system prompt and turn the rest into Anthropic turns.
 
     Anthropic has one top-level system prompt, no tool role (tool results are blocks of a
     user turn) and wants user and assistant turns to alternate, so consecutive turns of one
-    role are merged.
+    role are merged. The system prompt is one string, or its blocks when the customer
+    marked one for Anthropic's prompt cache.
     """
-    system: list[str] = []
+    system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
     for position, message in enumerate(messages):
         role = message["role"]
         content = message.get("content")
         if role in ("system", "developer"):
-            system.extend(b["text"] for b in _blocks(content, position) if b["type"] == "text")
+            system.extend(b for b in _blocks(content, position) if b["type"] == "text")
             continue
         if role == "tool":
             role = "user"
@@ -129,7 +132,9 @@ def _messages(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]
             turns[-1]["content"].extend(blocks)
         else:
             turns.append({"role": role, "content": blocks})
-    return "\n\n".join(system), turns
+    if any("cache_control" in block for block in system):
+        return system, turns  # blocks keep the customer's cache breakpoints
+    return "\n\n".join(block["text"] for block in system), turns
 
 
 def _blocks(content: str | list[dict[str, Any]] | None, position: int) -> list[dict[str, Any]]:
@@ -141,13 +146,31 @@ def _blocks(content: str | list[dict[str, Any]] | None, position: int) -> list[d
     for part in content:
         kind = part.get("type")
         if kind in ("text", "refusal"):
-            if part.get(kind):  # Anthropic refuses empty text blocks
-                blocks.append({"type": "text", "text": part[kind]})
+            if not part.get(kind):  # Anthropic refuses empty text blocks
+                continue
+            block = {"type": "text", "text": part[kind]}
         elif kind == "image_url":
-            blocks.append(_image(part["image_url"]["url"], position))
+            block = _image(part["image_url"]["url"], position)
         else:
             raise _rejected(f"content parts of type {kind!r} are not supported", position)
+        if "cache_control" in part:
+            block["cache_control"] = _cache_control(part["cache_control"], position)
+        blocks.append(block)
     return blocks
+
+
+def _cache_control(mark: dict[str, Any], position: int) -> dict[str, Any]:
+    """A prompt-cache breakpoint, as OpenRouter and LiteLLM pass it on a content part.
+
+    Only Anthropic's five-minute cache: a one-hour write costs twice the input price,
+    which the model's single cache-write price would not charge."""
+    if mark.get("type") != "ephemeral" or mark.get("ttl", "5m") != "5m":
+        raise _rejected(
+            'cache_control other than {"type": "ephemeral"} (the five-minute cache) '
+            "is not supported",
+            position,
+        )
+    return {"type": "ephemeral"}
 
 
 def _image(url: str, position: int) -> dict[str, Any]:
