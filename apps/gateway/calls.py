@@ -169,9 +169,16 @@ def check_model(grant: KeyGrant, model: str) -> None:
         )
 
 
-async def resolve_route(model: str) -> Route:
+async def resolve_route(grant: KeyGrant, model: str) -> Route:
     route = await route_for_model(model)
     if route is None:
+        # Counted against the key's requests per minute like any call, and refused with
+        # 429 past them: a key that keeps asking for models that do not exist (each a
+        # database lookup) is held to its limits too.
+        try:
+            await call_admit(grant, 0)
+        except LimitExceeded as exceeded:
+            raise rate_limited(exceeded) from None
         raise NotFound(
             f"The model '{model}' does not exist or you do not have access to it.",
             param="model",
@@ -245,7 +252,7 @@ async def open_call(
     before a byte goes upstream. Raises a GatewayError (and holds nothing) when the call
     may not go."""
     check_model(grant, request.model)
-    route = await resolve_route(request.model)
+    route = await resolve_route(grant, request.model)
     if request.max_tokens is not None and request.max_tokens > route.max_output_tokens:
         raise InvalidRequest(
             f"'{request.max_tokens_field}' is too large: {request.max_tokens}. The model "

@@ -197,6 +197,26 @@ def test_a_rate_limited_call_holds_nothing_and_a_refused_key_writes_no_more_hold
 @pytest.mark.postgres
 @pytest.mark.redis
 @pytest.mark.django_db(transaction=True)
+def test_calls_for_a_model_that_does_not_exist_count_against_the_limit(fake_upstream):
+    _org, key = _setup_org(fake_upstream, rpm=2)
+    headers = {"Authorization": f"Bearer {key}"}
+    with real200_server(workers=1, env=_server_env()) as server:
+        _away_from_a_window_edge()
+        url = f"{server.url}/v1/chat/completions"
+        answers = [
+            httpx.post(url, json={**BODY, "model": f"no-such-model-{n}"}, headers=headers)
+            for n in range(3)
+        ]
+        real = httpx.post(url, json=BODY, headers=headers, timeout=30)
+    assert [a.status_code for a in answers] == [404, 404, 429]
+    assert answers[2].json()["error"]["type"] == "rate_limit_exceeded"
+    assert real.status_code == 429
+    assert fake_upstream.calls == []
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
 def test_a_call_refused_for_money_gives_its_tokens_per_minute_back(fake_upstream):
     # Each call reserves 13 tokens (8 of prompt, 5 of output): a 40-tpm key fits 3.
     org, key = _setup_org(fake_upstream, credit="0", tpm=40)
