@@ -38,6 +38,9 @@ class Account(models.Model):
     """
 
     kind = models.CharField(max_length=20, choices=AccountKind.choices)
+    # A system account kind may have several accounts (revenue: see
+    # services.REVENUE_SHARDS); a customer account is always shard 0.
+    shard = models.PositiveSmallIntegerField(default=0)
     organization = models.OneToOneField(
         Organization, null=True, blank=True, on_delete=models.PROTECT, related_name="account"
     )
@@ -57,9 +60,13 @@ class Account(models.Model):
                 name="account_customer_has_org",
             ),
             models.UniqueConstraint(
-                fields=["kind"],
+                fields=["kind", "shard"],
                 condition=Q(organization__isnull=True),
-                name="one_system_account_per_kind",
+                name="one_system_account_per_kind_and_shard",
+            ),
+            models.CheckConstraint(
+                condition=~Q(kind=AccountKind.CUSTOMER) | Q(shard=0),
+                name="customer_account_not_sharded",
             ),
             models.CheckConstraint(condition=Q(held_nano__gte=0), name="account_held_not_negative"),
             models.CheckConstraint(
@@ -69,7 +76,9 @@ class Account(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.organization}" if self.organization_id else f"[{self.kind}]"
+        if self.organization_id:
+            return f"{self.organization}"
+        return f"[{self.kind} {self.shard}]" if self.shard else f"[{self.kind}]"
 
     @property
     def available_nano(self) -> int:

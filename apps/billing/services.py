@@ -2,8 +2,8 @@
 
 Locking rule (it is what keeps concurrent calls from deadlocking): within a transaction,
 account rows are locked customer accounts first, then system accounts, each group in
-primary-key order. The revenue account is the one row every charge touches, so it is
-locked last and held for as short a time as possible.
+primary-key order. A revenue account is a row many charges touch, so it is locked last
+and held for as short a time as possible; and there are several (`revenue_account`).
 """
 
 from __future__ import annotations
@@ -60,7 +60,15 @@ def account_for_organization(*, organization: Organization) -> Account:
 # System accounts never change identity once created; each process remembers them so a
 # settlement does not look the revenue account up on every call. Only pk and kind of the
 # remembered row are used (balances are always changed with F() in the database).
-_system_accounts: dict[str, Account] = {}
+_system_accounts: dict[tuple[str, int], Account] = {}
+
+# Every charge credits a revenue account in the statement that debits the customer, so
+# one revenue row made the settlements of all organizations wait for each other's lock
+# (bench, 8 organizations at 32 concurrent calls: 4.8 sessions waiting on a lock on
+# average, 0.7 without that update, and a tenth fewer calls per second). Charges are
+# spread over this many revenue accounts by organization: one organization's charges
+# queue on its own account's row anyway, so they lose nothing by sharing one revenue row.
+REVENUE_SHARDS = 16
 
 
 _customer_account_ids: dict[int, int] = {}
@@ -81,24 +89,33 @@ def account_id_for_organization(*, organization_id: int) -> int:
     return account_id
 
 
-def system_account(kind: AccountKind) -> Account:
+def system_account(kind: AccountKind, shard: int = 0) -> Account:
     if kind == AccountKind.CUSTOMER:
         raise ValueError("customer accounts belong to an organization")
-    account = _system_accounts.get(kind)
+    account = _system_accounts.get((kind, shard))
     if account is not None:
         return account
     try:
-        account, _ = Account.objects.get_or_create(kind=kind, organization=None)
+        account, _ = Account.objects.get_or_create(kind=kind, shard=shard, organization=None)
     except IntegrityError:  # created by a concurrent caller between our get and create
-        account = Account.objects.get(kind=kind, organization=None)
-    _system_accounts[kind] = account
+        account = Account.objects.get(kind=kind, shard=shard, organization=None)
+    _system_accounts[(kind, shard)] = account
     return account
 
 
-def remembered_system_account_id(kind: AccountKind) -> int | None:
+def revenue_shard(organization_id: int) -> int:
+    return organization_id % REVENUE_SHARDS
+
+
+def revenue_account(organization_id: int) -> Account:
+    """The revenue account that this organization's charges are credited to."""
+    return system_account(AccountKind.REVENUE, shard=revenue_shard(organization_id))
+
+
+def remembered_system_account_id(kind: AccountKind, shard: int = 0) -> int | None:
     """The system account's id if this process knows it already (async code cannot ask
     the ORM)."""
-    account = _system_accounts.get(kind)
+    account = _system_accounts.get((kind, shard))
     return account.pk if account is not None else None
 
 
@@ -548,7 +565,7 @@ def hold_settle(
             return True, None, 0
         transfer = transfer_post(
             from_account=customer,
-            to_account=system_account(AccountKind.REVENUE),
+            to_account=revenue_account(customer.organization_id),
             amount_nano=charged,
             kind=TransferKind.CHARGE,
             memo=memo,

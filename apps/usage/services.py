@@ -17,7 +17,12 @@ from django.utils import timezone
 from apps.billing.models import AccountKind, Hold, HoldStatus, ReconciliationReport, TransferKind
 from apps.billing.money import Nano, Rates, call_cost_nano
 from apps.billing.selectors import books_check
-from apps.billing.services import hold_settle, remembered_system_account_id, system_account
+from apps.billing.services import (
+    hold_settle,
+    remembered_system_account_id,
+    revenue_account,
+    revenue_shard,
+)
 from apps.keys.models import ApiKey
 from apps.usage.models import RollupPeriod, UsageRecord, UsageRollup
 from apps.usage.selectors import usage_ledger_problems
@@ -81,9 +86,10 @@ async def call_settle_async(
     cost = _call_cost(outcome, rates)
     if cost > hold.amount_nano or not fetch_one_available():
         return await db_step(call_settle, hold=hold, outcome=outcome, rates=rates)
-    revenue_id = remembered_system_account_id(AccountKind.REVENUE)
+    shard = revenue_shard(outcome.organization_id)
+    revenue_id = remembered_system_account_id(AccountKind.REVENUE, shard)
     if revenue_id is None:
-        revenue_id = (await db_step(system_account, AccountKind.REVENUE)).pk
+        revenue_id = (await db_step(revenue_account, outcome.organization_id)).pk
     fields = _record_fields(outcome, cost, cost)
     now = timezone.now()
     row = await fetch_one(_SETTLE, _settle_params(hold, outcome, fields, now, revenue_id))
@@ -164,7 +170,7 @@ def _settle_in_one_statement(
     every call touches, only while PostgreSQL runs it: no lock waits on this process
     sending the next statement and the commit.
     """
-    revenue_id = system_account(AccountKind.REVENUE).pk
+    revenue_id = revenue_account(outcome.organization_id).pk
     fields = _record_fields(outcome, cost_nano, cost_nano)
     now = timezone.now()
     with connection.cursor() as cursor:

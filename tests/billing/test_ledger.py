@@ -15,6 +15,7 @@ from apps.billing.services import (
     credit_grant,
     hold_release,
     hold_settle,
+    revenue_account,
     system_account,
     transfer_post,
     transfer_post_once,
@@ -137,7 +138,7 @@ def test_settling_a_hold_charges_the_metered_cost_once(funded_org):
     assert hold_settle(hold=hold, cost_nano=400) == (False, None, 0)
     account.refresh_from_db()
     assert (account.balance_nano, account.held_nano) == (10 * 10**9 - 400, 0)
-    assert _balance(system_account(AccountKind.REVENUE)) == 400
+    assert _balance(revenue_account(funded_org.pk)) == 400
     assert books_check().is_clean
 
 

@@ -19,13 +19,13 @@ import pytest
 from django.db import IntegrityError, ProgrammingError, connection, connections
 from django.utils import timezone
 
-from apps.billing.models import Account, AccountKind, Hold, HoldStatus, Transfer
+from apps.billing.models import Account, Hold, HoldStatus, Transfer
 from apps.billing.money import parse_usd
 from apps.billing.services import (
     CallNotAffordable,
     KeyBudget,
     hold_place_for_call_async,
-    system_account,
+    revenue_account,
     system_accounts_forget,
 )
 from apps.keys.models import ApiKey
@@ -86,7 +86,7 @@ def test_a_call_is_held_and_settled_once_on_the_loops_connection(funded_org, api
     customer = _customer(funded_org)
     assert customer.held_nano == 0
     assert customer.balance_nano == parse_usd("10.00") - stored.charged_nano
-    revenue = system_account(AccountKind.REVENUE)
+    revenue = revenue_account(funded_org.pk)
     revenue.refresh_from_db()
     assert revenue.balance_nano == stored.charged_nano
     assert Transfer.objects.get(pk=stored.transfer_id).amount_nano == stored.charged_nano

@@ -7,20 +7,29 @@ through the ledger's services in a transaction. Both are run here side by side.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
-from apps.billing.models import Account, AccountKind, Hold, HoldStatus, Transfer, TransferKind
+from apps.billing.models import Account, Hold, HoldStatus, Transfer, TransferKind
+from apps.billing.money import parse_usd
+from apps.billing.selectors import books_check
 from apps.billing.services import (
+    REVENUE_SHARDS,
     CallNotAffordable,
     KeyBudget,
     account_id_for_organization,
+    credit_grant,
     hold_place_for_call,
-    system_account,
+    revenue_account,
 )
+from apps.keys.services import key_create
+from apps.tenancy.models import User
+from apps.tenancy.services import organization_create
 from apps.usage.models import UsageRecord
 from apps.usage.services import (
     _settle_in_one_statement,
@@ -45,7 +54,7 @@ def _hold(org, api_key, price, request_id: str, **quote) -> tuple[Hold, int]:
 
 def _books(org) -> tuple[int, int, int]:
     customer = Account.objects.get(organization=org)
-    revenue = system_account(AccountKind.REVENUE)
+    revenue = revenue_account(org.pk)
     revenue.refresh_from_db()
     return customer.balance_nano, customer.held_nano, revenue.balance_nano
 
@@ -126,3 +135,44 @@ def test_a_cost_beyond_the_hold_is_settled_by_the_ledger_services(funded_org, ap
     assert record.cost_nano > hold.amount_nano
     assert record.charged_nano == record.cost_nano
     assert Hold.objects.get(pk=hold.pk).status == HoldStatus.SETTLED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_charges_of_many_organizations_land_on_their_revenue_accounts(price):
+    """Each organization's charges go to its own revenue shard, from both settlement
+    paths at once, without a deadlock; the shards add up to every charge."""
+    owner = User.objects.create_user(email="shards@example.com", password="x-long-password")
+    orgs = [organization_create(slug=f"shard{n}", name=f"S{n}", owner=owner) for n in range(4)]
+    keys = {}
+    for org in orgs:
+        credit_grant(organization=org, amount_nano=parse_usd("10"))
+        keys[org.pk], _clear = key_create(organization=org, name="k")
+    assert len({org.pk % REVENUE_SHARDS for org in orgs}) == 4
+    calls = [(org, n) for org in orgs for n in range(12)]
+
+    def call(job) -> int:
+        org, n = job
+        settle = _settle_in_one_statement if n % 2 else _settle_in_transaction
+        request_id = f"chatcmpl-{org.slug}-{n}"
+        try:
+            hold, _max = _hold(org, keys[org.pk], price, request_id)
+            outcome = call_outcome(org, keys[org.pk], price, request_id, completion_tokens=n)
+            cost = 50 * 2_500 - 10 * 1_250 + n * 10_000
+            return settle(hold=hold, outcome=outcome, cost_nano=cost).charged_nano
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        charged = list(pool.map(call, calls))
+    for org in orgs:
+        expected = sum(c for (o, _n), c in zip(calls, charged, strict=True) if o == org)
+        revenue = revenue_account(org.pk)
+        revenue.refresh_from_db()
+        assert revenue.balance_nano == expected
+        assert Account.objects.get(organization=org).held_nano == 0
+    revenue_total = sum(
+        Account.objects.filter(kind="revenue").values_list("balance_nano", flat=True)
+    )
+    assert revenue_total == sum(charged)
+    report = books_check()
+    assert report.is_clean, report.problems
