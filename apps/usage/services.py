@@ -166,8 +166,8 @@ def _settle_in_one_statement(
 
     The same writes as `_settle_in_transaction`; what makes one statement possible is that
     a cost within the hold is always payable (the hold is part of the balance), so nothing
-    needs reading first. One statement holds the customer's row and the revenue row, which
-    every call touches, only while PostgreSQL runs it: no lock waits on this process
+    needs reading first. One statement holds the customer's row and its revenue row, which
+    many calls touch, only while PostgreSQL runs it: no lock waits on this process
     sending the next statement and the commit.
     """
     revenue_id = revenue_account(outcome.organization_id).pk

@@ -104,6 +104,14 @@ async def _burst(url: str, key: str, count: int) -> list[httpx.Response]:
         )
 
 
+def _one_after_another(url: str, key: str, bodies: list[dict]) -> list[httpx.Response]:
+    headers = {"Authorization": f"Bearer {key}"}
+    return [
+        httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+        for body in bodies
+    ]
+
+
 def _away_from_a_window_edge(margin: float = 10.0) -> None:
     """Limits are fixed windows of one clock minute: a burst that straddled two windows
     would rightly get ten through. Start it well inside one."""
@@ -151,13 +159,9 @@ def test_a_key_at_5_rpm_gets_exactly_5_of_20_across_two_processes(fake_upstream)
 def test_tokens_per_minute_stop_a_key_and_headers_show_them(fake_upstream):
     # Each call reserves its prompt (8 tokens here) and max_tokens (5); a 40-tpm key fits 3.
     _org, key = _setup_org(fake_upstream, tpm=40)
-    headers = {"Authorization": f"Bearer {key}"}
     with real200_server(workers=2, env=_server_env()) as server:
         _away_from_a_window_edge()
-        answers = [
-            httpx.post(f"{server.url}/v1/chat/completions", json=BODY, headers=headers, timeout=30)
-            for _ in range(4)
-        ]
+        answers = _one_after_another(server.url, key, [BODY] * 4)
     assert [a.status_code for a in answers[:3]] == [200, 200, 200]
     first = answers[0]
     assert first.headers["x-ratelimit-limit-tokens"] == "40"
@@ -179,13 +183,9 @@ def test_a_rate_limited_call_holds_nothing_and_a_refused_key_writes_no_more_hold
     hold placed beside it. Once refused, the key is checked first for the rest of the
     window, so a client that keeps sending past its limits costs no hold per call."""
     org, key = _setup_org(fake_upstream, rpm=1)
-    headers = {"Authorization": f"Bearer {key}"}
     with real200_server(workers=1, env=_server_env()) as server:
         _away_from_a_window_edge()
-        answers = [
-            httpx.post(f"{server.url}/v1/chat/completions", json=BODY, headers=headers, timeout=30)
-            for _ in range(4)
-        ]
+        answers = _one_after_another(server.url, key, [BODY] * 4)
     assert [a.status_code for a in answers] == [200, 429, 429, 429]
     statuses = sorted(Hold.objects.values_list("status", flat=True))
     assert statuses == sorted([HoldStatus.SETTLED, HoldStatus.RELEASED])
@@ -199,15 +199,10 @@ def test_a_rate_limited_call_holds_nothing_and_a_refused_key_writes_no_more_hold
 @pytest.mark.django_db(transaction=True)
 def test_calls_for_a_model_that_does_not_exist_count_against_the_limit(fake_upstream):
     _org, key = _setup_org(fake_upstream, rpm=2)
-    headers = {"Authorization": f"Bearer {key}"}
+    unknown = [{**BODY, "model": f"no-such-model-{n}"} for n in range(3)]
     with real200_server(workers=1, env=_server_env()) as server:
         _away_from_a_window_edge()
-        url = f"{server.url}/v1/chat/completions"
-        answers = [
-            httpx.post(url, json={**BODY, "model": f"no-such-model-{n}"}, headers=headers)
-            for n in range(3)
-        ]
-        real = httpx.post(url, json=BODY, headers=headers, timeout=30)
+        *answers, real = _one_after_another(server.url, key, [*unknown, BODY])
     assert [a.status_code for a in answers] == [404, 404, 429]
     assert answers[2].json()["error"]["type"] == "rate_limit_exceeded"
     assert real.status_code == 429
@@ -220,19 +215,14 @@ def test_calls_for_a_model_that_does_not_exist_count_against_the_limit(fake_upst
 def test_a_call_refused_for_money_gives_its_tokens_per_minute_back(fake_upstream):
     # Each call reserves 13 tokens (8 of prompt, 5 of output): a 40-tpm key fits 3.
     org, key = _setup_org(fake_upstream, credit="0", tpm=40)
-    headers = {"Authorization": f"Bearer {key}"}
     with real200_server(workers=1, env=_server_env()) as server:
         _away_from_a_window_edge()
-
-        def call() -> int:
-            url = f"{server.url}/v1/chat/completions"
-            return httpx.post(url, json=BODY, headers=headers, timeout=30).status_code
-
-        broke = [call() for _ in range(5)]
+        broke = _one_after_another(server.url, key, [BODY] * 5)
         credit_grant(organization=org, amount_nano=parse_usd("1"))
-        funded = [call() for _ in range(4)]
-    assert broke == [402] * 5
-    assert funded == [200, 200, 200, 429]  # the five refused calls kept no tokens
+        funded = _one_after_another(server.url, key, [BODY] * 4)
+    assert [a.status_code for a in broke] == [402] * 5
+    # The five refused calls kept no tokens.
+    assert [a.status_code for a in funded] == [200, 200, 200, 429]
     assert Hold.objects.filter(status=HoldStatus.OPEN).count() == 0
 
 
