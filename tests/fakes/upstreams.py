@@ -66,7 +66,7 @@ class Behaviour:
     usage_repeats: int = 1  # streams: send the usage frame this many times
     # Usage reported, in the API's own meaning: OpenAI's prompt_tokens includes cached
     # tokens, Anthropic's input_tokens excludes cache reads and writes.
-    prompt_tokens: int = 10
+    prompt_tokens: Any = 10  # an int, or what a buggy server sends instead
     cached_tokens: int = 0  # cache reads: cached_tokens / cache_read_input_tokens
     cache_creation_tokens: int = 0  # Anthropic's cache_creation_input_tokens
     finish_reason: str | None = None  # the API's own finish/stop reason, to override ours
@@ -499,7 +499,12 @@ class OpenAIFake(FakeUpstream):
         return {
             "prompt_tokens": behaviour.prompt_tokens,
             "completion_tokens": completion,
-            "total_tokens": behaviour.prompt_tokens + completion,
+            # A buggy server's prompt count (None, a string) makes no total either.
+            "total_tokens": (
+                behaviour.prompt_tokens + completion
+                if isinstance(behaviour.prompt_tokens, int)
+                else None
+            ),
             "prompt_tokens_details": {"cached_tokens": behaviour.cached_tokens},
         }
 

@@ -89,6 +89,21 @@ def test_odd_usage_from_an_upstream_is_billed_in_whole_tokens(live, reported, bi
     assert live.held_nano() == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_whose_usage_is_no_count_is_billed_on_real200s_own(live, stream):
+    """A server that sends null (or a string, or a negative) for its prompt tokens gave no
+    count: the call is billed on what real200 counted, never as free."""
+    live.upstream.configure(tokens=7, prompt_tokens=None)
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 50, "stream": stream}
+    assert live.post(body).status_code == 200
+    (record,) = live.wait_settled()
+    assert record.usage_source == UsageSource.ESTIMATED
+    assert record.prompt_tokens == count_prompt_tokens(MESSAGES, "gpt-4o")
+    assert record.completion_tokens == count_text_tokens(text_for(7), "gpt-4o")
+    assert record.charged_nano == cost_of(record) > 0
+    assert live.held_nano() == 0
+
+
 def test_every_call_has_an_id_of_its_own(live):
     ids = {
         live.sdk.chat.completions.create(

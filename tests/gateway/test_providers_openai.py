@@ -421,10 +421,14 @@ async def test_a_stream_may_last_longer_than_its_chunk_timeout(fake, client) -> 
     ("counts", "usage"),
     [
         ({"prompt": 12.0, "completion": 3.0}, Usage(12, 3)),
-        ({"prompt": None, "completion": "3"}, Usage(0, 0)),
-        ({"prompt": -4, "completion": True}, Usage(0, 0)),
-        ({"prompt": 10, "completion": 2.5}, Usage(10, 0)),
+        ({"prompt": 0, "completion": 0}, Usage(0, 0)),
+        ({"prompt": None, "completion": 3}, None),
+        ({"prompt": 12, "completion": "3"}, None),
+        ({"prompt": -4, "completion": 3}, None),
+        ({"prompt": 12, "completion": True}, None),
+        ({"prompt": 10, "completion": 2.5}, None),
         ({"prompt": 10, "completion": 1, "cached": 12}, Usage(10, 1, cached_tokens=10)),
+        ({"prompt": 10, "completion": 1, "cached": -3}, Usage(10, 1)),
         (
             {"prompt": 10, "completion": 1, "cached": 6, "cache_write": 9},
             Usage(10, 1, cached_tokens=6, cache_write_tokens=4),

@@ -251,8 +251,7 @@ def _completion(answer: dict[str, Any]) -> Completion:
             tool_calls.append(_shapes.tool_call(block["id"], block["name"], arguments))
     finish_reason = _finish_reason(answer.get("stop_reason"))
     choice = _shapes.choice("".join(texts), tool_calls, finish_reason)
-    usage = answer.get("usage")
-    return Completion(response={"choices": [choice]}, usage=_usage(usage) if usage else None)
+    return Completion(response={"choices": [choice]}, usage=_usage(answer.get("usage")))
 
 
 class _StreamTranslator:
@@ -291,24 +290,30 @@ class _StreamTranslator:
             raise UpstreamFailed(f"error event: {_http.error_message(event)}")
         # ping, content_block_stop and thinking deltas carry nothing for the client.
 
-    def _usage_event(self, usage: dict[str, Any] | None) -> Iterator[UsageEvent]:
-        if not usage:
+    def _usage_event(self, usage: object) -> Iterator[UsageEvent]:
+        if not isinstance(usage, dict):
             return
         # Every field Anthropic sends is a total so far: the newest value replaces the last.
         self._usage.update({key: value for key, value in usage.items() if value is not None})
-        yield UsageEvent(_usage(self._usage))
+        if counted := _usage(self._usage):
+            yield UsageEvent(counted)
 
 
 def _finish_reason(stop_reason: str | None) -> FinishReason:
     return _FINISH_REASONS.get(stop_reason or "", "stop")
 
 
-def _usage(usage: dict[str, Any]) -> Usage:
+def _usage(usage: object) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
     # input_tokens leaves out the prompt tokens read from or written to the cache.
-    cache_read = token_count(usage.get("cache_read_input_tokens"))
-    cache_write = token_count(usage.get("cache_creation_input_tokens"))
+    plain = token_count(usage.get("input_tokens"))
+    if plain is None:
+        return None
+    cache_read = token_count(usage.get("cache_read_input_tokens")) or 0
+    cache_write = token_count(usage.get("cache_creation_input_tokens")) or 0
     return Usage.reported(
-        prompt=token_count(usage.get("input_tokens")) + cache_read + cache_write,
+        prompt=plain + cache_read + cache_write,
         completion=usage.get("output_tokens"),
         cached=cache_read,
         cache_write=cache_write,

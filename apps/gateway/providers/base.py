@@ -52,29 +52,32 @@ class Usage:
     @classmethod
     def reported(
         cls, *, prompt: object, completion: object, cached: object = 0, cache_write: object = 0
-    ) -> Usage:
-        """An upstream's counts, as its JSON gave them, made fit to bill: whole
-        non-negative numbers, and cache reads and writes within the prompt. A server that
-        sends 12.0, a null or a negative, or more cache reads than prompt tokens, must not
-        break a settlement (the call would go unbilled) nor put a float into money."""
-        prompt_tokens = token_count(prompt)
-        cached_tokens = min(token_count(cached), prompt_tokens)
+    ) -> Usage | None:
+        """An upstream's counts as its JSON gave them, made fit to bill, or None if they
+        are no count at all. The prompt and completion counts must be whole non-negative
+        numbers (12 or 12.0): a server that sends null, "12" or -1 gave none, and the call
+        is billed on real200's own count instead. Cache reads and writes are cut to fit
+        inside the prompt (an unusable one is 0: those tokens are billed as plain input).
+        Either way a settlement never fails on them, nor gets a float into money."""
+        prompt_tokens, completion_tokens = token_count(prompt), token_count(completion)
+        if prompt_tokens is None or completion_tokens is None:
+            return None
+        cached_tokens = min(token_count(cached) or 0, prompt_tokens)
         return cls(
             prompt_tokens=prompt_tokens,
-            completion_tokens=token_count(completion),
+            completion_tokens=completion_tokens,
             cached_tokens=cached_tokens,
-            cache_write_tokens=min(token_count(cache_write), prompt_tokens - cached_tokens),
+            cache_write_tokens=min(token_count(cache_write) or 0, prompt_tokens - cached_tokens),
         )
 
 
-def token_count(value: object) -> int:
-    """A count from an upstream's JSON as an int: a whole number (12 or 12.0) if not
-    negative, else 0."""
+def token_count(value: object) -> int | None:
+    """A count from an upstream's JSON as an int, if it is a whole non-negative number."""
     if isinstance(value, bool):
-        return 0
+        return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return value if isinstance(value, int) and value > 0 else 0
+    return value if isinstance(value, int) and value >= 0 else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,8 +39,7 @@ class OpenAIProvider:
         response = {"choices": answer["choices"]}
         if answer.get("system_fingerprint"):
             response["system_fingerprint"] = answer["system_fingerprint"]
-        usage = answer.get("usage")
-        return Completion(response=response, usage=_usage(usage) if usage else None)
+        return Completion(response=response, usage=_usage(answer.get("usage")))
 
     async def stream(
         self, request: ChatRequest, upstream: Upstream, client: aiohttp.ClientSession
@@ -67,8 +66,8 @@ class OpenAIProvider:
                         system_fingerprint=chunk.get("system_fingerprint"),
                     )
                 # Some upstreams send usage on every chunk (or null): each is a running total.
-                if usage := chunk.get("usage"):
-                    yield UsageEvent(_usage(usage))
+                if usage := _usage(chunk.get("usage")):
+                    yield UsageEvent(usage)
         # Some servers omit [DONE]; an answer that never finished was cut short, though.
         if not finished:
             raise UpstreamFailed("the stream ended before the answer finished")
@@ -109,12 +108,14 @@ def _generated_text(choices: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def _usage(usage: dict[str, Any]) -> Usage:
-    details = usage.get("prompt_tokens_details") or {}
-    # DeepSeek reports its cache hits as prompt_cache_hit_tokens instead.
-    cached = details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
+def _usage(usage: object) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None  # absent (or null, as some servers send on every chunk)
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
     return Usage.reported(
         prompt=usage.get("prompt_tokens"),
         completion=usage.get("completion_tokens"),
-        cached=cached,
+        # DeepSeek reports its cache hits as prompt_cache_hit_tokens instead.
+        cached=cached or usage.get("prompt_cache_hit_tokens") or 0,
     )
