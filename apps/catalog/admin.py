@@ -149,14 +149,7 @@ class PriceAdmin(admin.ModelAdmin):
     def get_fields(self, request: HttpRequest, obj: Price | None = None) -> list[str]:
         if obj is None:
             return ["model", "input_usd", "output_usd", "cached_input_usd", "cache_write_usd"]
-        return [
-            "model",
-            "input_usd",
-            "cached_input_usd",
-            "cache_write_usd",
-            "output_usd",
-            "created_at",
-        ]
+        return list(self.list_display)  # a price is never edited: shown as listed
 
     @admin.display(description=_("input, USD per 1M tokens"))
     def input_usd(self, price: Price) -> str:

@@ -253,6 +253,10 @@ def test_prices_are_added_in_usd_and_never_changed(ops, price):
     assert "3.750000000" in ops.get(_admin_url(Price, "changelist")).content.decode()
     bad = ops.post(_admin_url(Price, "add"), {**data, "input_usd": "3.0000000001"})
     assert b"finer than one nano-dollar" in bad.content
+    shown = ops.get(_admin_url(Price, "change", price.pk))
+    assert shown.status_code == 200  # read only: every rate, none in an input
+    assert "1.250000000" in shown.content.decode()  # the cached-input rate
+    assert b'name="input_usd"' not in shown.content
     change = ops.post(_admin_url(Price, "change", price.pk), {**data, "input_usd": "0"})
     assert change.status_code == 403
     assert ops.post(_admin_url(Price, "delete", price.pk), {"post": "yes"}).status_code == 403

@@ -117,5 +117,5 @@ def _usage(usage: object) -> Usage | None:
         prompt=usage.get("prompt_tokens"),
         completion=usage.get("completion_tokens"),
         # DeepSeek reports its cache hits as prompt_cache_hit_tokens instead.
-        cached=cached or usage.get("prompt_cache_hit_tokens") or 0,
+        cached=cached or usage.get("prompt_cache_hit_tokens"),
     )
