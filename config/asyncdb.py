@@ -1,6 +1,7 @@
 """Database work from async code: one step, in a shared worker thread, connection returned;
-one statement on the event loop's own connection (PostgreSQL); and one lookup shared by the
-concurrent requests that need it (SingleFlight).
+one statement on the event loop's own connection (PostgreSQL); the same statement of
+concurrent calls, sent together (GroupCommit); and one lookup shared by the concurrent
+requests that need it (SingleFlight).
 
 Django's ORM and transactions are synchronous, so async code runs each database step (one
 transaction, or a few reads) in a thread. By default `sync_to_async` uses a thread of the
@@ -14,27 +15,36 @@ PostgreSQL, with no transaction around them. Those run on the event loop itself,
 psycopg async connection (`fetch_one`): no thread hop, no wait for a free worker thread,
 no contention for the GIL with the loop, no health-check query per step. Under a few
 hundred concurrent streams those waits, not PostgreSQL, were most of the time to the
-first token (bench/README.md).
+first token (bench/README.md). Under more, the statements themselves were: each call's
+two, each a transaction, queueing on the customer's account row. So concurrent calls'
+holds go in one statement, and their settlements in another (`GroupCommit`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, ParamSpec, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, ParamSpec, TypeVar
 
 import psycopg
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, connections
 from django.db import utils as django_db_errors
+from prometheus_client import Histogram
 from psycopg_pool import AsyncConnectionPool
+
+logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+RowT = TypeVar("RowT")
+ResultT = TypeVar("ResultT")
 
 
 def _released(func: Callable[P, T]) -> Callable[P, T]:
@@ -74,13 +84,24 @@ async def fetch_one(sql: str, params: Mapping[str, Any]) -> tuple | None:
     every connection can be in use. The statement then runs in a worker thread on Django's
     pool instead of queueing for one (where it would wait for the loop's passes again).
     """
+    rows = await fetch_all(sql, params, first_only=True)
+    return rows[0] if rows else None
+
+
+async def fetch_all(
+    sql: str, params: Mapping[str, Any], *, first_only: bool = False
+) -> list[tuple]:
+    """`fetch_one`, returning every row the statement returns."""
     try:
         pool = await _loop_pool()
         if _in_use(pool):
-            return await db_step(_fetch_one_in_thread, sql, params)
+            return await db_step(_fetch_in_thread, sql, params, first_only)
         async with pool.connection() as conn:
             cursor = await conn.execute(sql, params)
-            return await cursor.fetchone()
+            if first_only:
+                row = await cursor.fetchone()
+                return [row] if row is not None else []
+            return await cursor.fetchall()
     except psycopg.Error as error:  # PoolTimeout included
         raise _as_django_error(error) from error
 
@@ -94,10 +115,13 @@ def _in_use(pool: AsyncConnectionPool) -> bool:
     return stats["pool_size"] >= stats["pool_max"] or stats.get("requests_waiting", 0) > 0
 
 
-def _fetch_one_in_thread(sql: str, params: Mapping[str, Any]) -> tuple | None:
+def _fetch_in_thread(sql: str, params: Mapping[str, Any], first_only: bool) -> list[tuple]:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        return cursor.fetchone()
+        if first_only:
+            row = cursor.fetchone()
+            return [row] if row is not None else []
+        return cursor.fetchall()
 
 
 async def fetch_pools_close() -> None:
@@ -196,3 +220,118 @@ class SingleFlight:
 
     def forget(self) -> None:
         self._tasks.clear()
+
+
+class GroupCommit(Generic[RowT, ResultT]):
+    """Concurrent calls' rows for one statement, sent to PostgreSQL together.
+
+    Every call runs the same two statements (its hold, its settlement), each a
+    transaction of its own. Under load PostgreSQL's CPU went mostly to what each
+    statement costs whatever its size (the message, the snapshot, the commit) and to
+    calls queueing for one account's row lock, and real200's to the driver's work per
+    statement. So while `flights` statements are in flight, the rows of the calls that
+    arrive meanwhile wait, and go together when one lands. An idle process sends each row
+    at once, alone (`one`); a busy one sends fewer, larger statements (`many`, which
+    returns one result per row, in order).
+
+    If `many` fails (a deadlock, a constraint), its rows are tried one by one, so one bad
+    row fails its own call only. Callers must shield `submit` from cancellation: a row
+    that was sent is applied whether or not its caller still waits.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        one: Callable[[RowT], Awaitable[ResultT]],
+        many: Callable[[list[RowT]], Awaitable[list[ResultT]]],
+        flights: int = 2,
+        most_rows: int = 100,
+    ) -> None:
+        self.name = name
+        self._one = one
+        self._many = many
+        self._flights = flights
+        self._most_rows = most_rows
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waiting] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def submit(self, row: RowT) -> ResultT:
+        loop = asyncio.get_running_loop()
+        waiting = self._loops.get(loop)
+        if waiting is None:
+            waiting = self._loops[loop] = _Waiting()
+        result = loop.create_future()
+        waiting.rows.append((row, result))
+        if waiting.flying < self._flights:
+            waiting.flying += 1
+            flight = loop.create_task(self._fly(waiting))
+            waiting.flights.add(flight)  # the loop keeps only weak references to tasks
+            flight.add_done_callback(waiting.flights.discard)
+        return await result
+
+    async def _fly(self, waiting: _Waiting) -> None:
+        # A task starts at the loop's next pass: the rows of every call that reached this
+        # statement in the current pass go in its first statement.
+        batch: list = []
+        try:
+            while waiting.rows:
+                batch = waiting.rows[: self._most_rows]
+                del waiting.rows[: self._most_rows]
+                STATEMENT_ROWS.labels(statement=self.name).observe(len(batch))
+                results = await self._results([row for row, _ in batch])
+                for (_row, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+                batch = []
+        finally:
+            waiting.flying -= 1
+            for _row, future in batch:  # cancelled mid-statement (the loop is closing)
+                future.cancel()
+
+    async def _results(self, rows: list[RowT]) -> list[ResultT | BaseException]:
+        if len(rows) > 1:
+            try:
+                return list(await self._many(rows))
+            except Exception:
+                logger.warning(
+                    "%s: a statement for %d calls failed; trying each alone",
+                    self.name,
+                    len(rows),
+                    exc_info=True,
+                )
+        results: list[ResultT | BaseException] = []
+        for row in rows:
+            try:
+                results.append(await self._one(row))
+            except Exception as error:
+                results.append(error)
+        return results
+
+
+@dataclass
+class _Waiting:
+    rows: list = field(default_factory=list)
+    flying: int = 0
+    flights: set[asyncio.Task] = field(default_factory=set)
+
+
+def as_columns(rows: list[Mapping[str, Any]], *, scalars: tuple[str, ...] = ()) -> dict:
+    """The parameters of a statement over many rows (`unnest(%(name)s::type[], ...)`):
+    each parameter becomes the list of its values, row by row, but for the `scalars`,
+    which are the same for every row."""
+    first = rows[0]
+    return {name: first[name] if name in scalars else [row[name] for row in rows] for name in first}
+
+
+STATEMENT_ROWS = Histogram(
+    "real200_db_statement_rows",
+    "Calls served by one statement of group commit (hold, settlement)",
+    ["statement"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 100),
+)

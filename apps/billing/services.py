@@ -31,7 +31,14 @@ from apps.billing.money import (
 )
 from apps.keys.models import ApiKey, BudgetPeriod
 from apps.tenancy.models import Membership, Organization, Role, User
-from config.asyncdb import db_step, fetch_one, fetch_one_available
+from config.asyncdb import (
+    GroupCommit,
+    as_columns,
+    db_step,
+    fetch_all,
+    fetch_one,
+    fetch_one_available,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -378,9 +385,9 @@ async def hold_place_for_call_async(
         )
     worst = _WorstCase.of(account_id, key, request_id, expires_at, quote)
     now = timezone.now()
-    row = await fetch_one(_HOLD_IF_COVERED, worst.params(now))
-    if row is not None:
-        return worst.placed(row[0], now), worst.tokens
+    hold_id = await _hold_statements.submit(worst.params(now))
+    if hold_id is not None:
+        return worst.placed(hold_id, now), worst.tokens
     return await db_step(_hold_carefully, key=key, quote=quote, worst=worst)
 
 
@@ -471,6 +478,21 @@ def _hold_if_covered(worst: _WorstCase) -> Hold | None:
     return worst.placed(row[0], now) if row is not None else None
 
 
+async def _hold_one_if_covered(params: dict) -> int | None:
+    """Hold one call's worst case if the balance covers it: the new hold's id, or None."""
+    row = await fetch_one(_HOLD_IF_COVERED, params)
+    return row[0] if row is not None else None
+
+
+async def _holds_if_covered(rows: list[dict]) -> list[int | None]:
+    """`_hold_one_if_covered` for many calls, in one statement (`_HOLDS_IF_COVERED`)."""
+    placed = await fetch_all(_HOLDS_IF_COVERED, as_columns(rows, scalars=("open",)))
+    hold_ids = {request_id: hold_id for hold_id, request_id in placed}
+    return [hold_ids.get(row["request"]) for row in rows]
+
+
+_hold_statements = GroupCommit("hold", one=_hold_one_if_covered, many=_holds_if_covered)
+
 # The conditional reservation of `_open_hold` and the hold's row, in one statement.
 _HOLD_IF_COVERED = """
 WITH reserved AS (
@@ -483,6 +505,41 @@ INSERT INTO billing_hold
 SELECT id, %(key)s, %(request)s, %(amount)s, %(open)s, %(now)s, %(expires)s
 FROM reserved
 RETURNING id
+"""
+
+
+# The calls of one statement take an account's balance in the order they came: each is
+# held if it fits with those before it on the same account. Once one does not fit, the
+# later ones are not held either (one less cheap call may have fitted): each of those
+# goes the careful way, as a call not covered alone does. The accounts are locked in
+# primary-key order (the ledger's rule), in `locked`, before any is changed.
+_HOLDS_IF_COVERED = """
+WITH wanted AS MATERIALIZED (
+    SELECT * FROM unnest(
+        %(account)s::bigint[], %(key)s::bigint[], %(request)s::text[], %(amount)s::bigint[],
+        %(now)s::timestamptz[], %(expires)s::timestamptz[]
+    ) WITH ORDINALITY AS w(account_id, api_key_id, request_id, amount_nano, created_at,
+                           expires_at, arrival)
+), locked AS MATERIALIZED (
+    SELECT id, balance_nano - held_nano AS free FROM billing_account
+    WHERE id IN (SELECT account_id FROM wanted)
+    ORDER BY id FOR NO KEY UPDATE
+), covered AS MATERIALIZED (
+    SELECT w.* FROM (
+        SELECT *, sum(amount_nano) OVER (PARTITION BY account_id ORDER BY arrival) AS running
+        FROM wanted
+    ) AS w JOIN locked AS l ON l.id = w.account_id
+    WHERE w.running <= l.free
+), reserved AS (
+    UPDATE billing_account AS a SET held_nano = a.held_nano + c.amount
+    FROM (SELECT account_id, sum(amount_nano) AS amount FROM covered GROUP BY account_id) AS c
+    WHERE a.id = c.account_id
+)
+INSERT INTO billing_hold
+    (account_id, api_key_id, request_id, amount_nano, status, created_at, expires_at)
+SELECT account_id, api_key_id, request_id, amount_nano, %(open)s, created_at, expires_at
+FROM covered
+RETURNING id, request_id
 """
 
 
