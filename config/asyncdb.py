@@ -84,23 +84,18 @@ async def fetch_one(sql: str, params: Mapping[str, Any]) -> tuple | None:
     every connection can be in use. The statement then runs in a worker thread on Django's
     pool instead of queueing for one (where it would wait for the loop's passes again).
     """
-    rows = await fetch_all(sql, params, first_only=True)
+    rows = await fetch_all(sql, params)
     return rows[0] if rows else None
 
 
-async def fetch_all(
-    sql: str, params: Mapping[str, Any], *, first_only: bool = False
-) -> list[tuple]:
+async def fetch_all(sql: str, params: Mapping[str, Any]) -> list[tuple]:
     """`fetch_one`, returning every row the statement returns."""
     try:
         pool = await _loop_pool()
         if _in_use(pool):
-            return await db_step(_fetch_in_thread, sql, params, first_only)
+            return await db_step(_fetch_in_thread, sql, params)
         async with pool.connection() as conn:
             cursor = await conn.execute(sql, params)
-            if first_only:
-                row = await cursor.fetchone()
-                return [row] if row is not None else []
             return await cursor.fetchall()
     except psycopg.Error as error:  # PoolTimeout included
         raise _as_django_error(error) from error
@@ -115,12 +110,9 @@ def _in_use(pool: AsyncConnectionPool) -> bool:
     return stats["pool_size"] >= stats["pool_max"] or stats.get("requests_waiting", 0) > 0
 
 
-def _fetch_in_thread(sql: str, params: Mapping[str, Any], first_only: bool) -> list[tuple]:
+def _fetch_in_thread(sql: str, params: Mapping[str, Any]) -> list[tuple]:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        if first_only:
-            row = cursor.fetchone()
-            return [row] if row is not None else []
         return cursor.fetchall()
 
 
@@ -223,20 +215,22 @@ class SingleFlight:
 
 
 class GroupCommit(Generic[RowT, ResultT]):
-    """Concurrent calls' rows for one statement, sent to PostgreSQL together.
+    """Concurrent calls' rows for one statement, sent together.
 
-    Every call runs the same two statements (its hold, its settlement), each a
-    transaction of its own. Under load PostgreSQL's CPU went mostly to what each
-    statement costs whatever its size (the message, the snapshot, the commit) and to
-    calls queueing for one account's row lock, and real200's to the driver's work per
-    statement. So while `flights` statements are in flight, the rows of the calls that
-    arrive meanwhile wait, and go together when one lands. An idle process sends each row
-    at once, alone (`one`); a busy one sends fewer, larger statements (`many`, which
-    returns one result per row, in order).
+    Every call runs the same few statements: its hold and its settlement (PostgreSQL),
+    its rate-limit counts and their correction (Redis). Under load most of their cost was
+    what each statement costs whatever its size: the round trip, the driver's work, and
+    on PostgreSQL the snapshot and the commit, with calls queueing on one account's row.
+    So while `flights` statements are in flight, the rows of the calls that arrive
+    meanwhile wait, and go together when one lands. An idle process sends each row at
+    once, alone (`one`); a busy one sends fewer, larger statements (`many`, which returns
+    one result per row, in order).
 
-    If `many` fails (a deadlock, a constraint), its rows are tried one by one, so one bad
-    row fails its own call only. Callers must shield `submit` from cancellation: a row
-    that was sent is applied whether or not its caller still waits.
+    If `many` fails, each of its rows is tried alone (at once), so that a row that breaks
+    the statement (a constraint, a deadlock) fails its own call only; with `alone=False`
+    (a failure that cannot be one row's, e.g. the server is down) every row fails with
+    it. Callers must shield `submit` from cancellation: a row that was sent is applied
+    whether or not its caller still waits.
     """
 
     def __init__(
@@ -245,12 +239,14 @@ class GroupCommit(Generic[RowT, ResultT]):
         *,
         one: Callable[[RowT], Awaitable[ResultT]],
         many: Callable[[list[RowT]], Awaitable[list[ResultT]]],
+        alone: bool = True,
         flights: int = 2,
         most_rows: int = 100,
     ) -> None:
         self.name = name
         self._one = one
         self._many = many
+        self._alone = alone
         self._flights = flights
         self._most_rows = most_rows
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waiting] = (
@@ -295,23 +291,23 @@ class GroupCommit(Generic[RowT, ResultT]):
                 future.cancel()
 
     async def _results(self, rows: list[RowT]) -> list[ResultT | BaseException]:
-        if len(rows) > 1:
+        if len(rows) == 1:
             try:
-                return list(await self._many(rows))
-            except Exception:
-                logger.warning(
-                    "%s: a statement for %d calls failed; trying each alone",
-                    self.name,
-                    len(rows),
-                    exc_info=True,
-                )
-        results: list[ResultT | BaseException] = []
-        for row in rows:
-            try:
-                results.append(await self._one(row))
+                return [await self._one(rows[0])]
             except Exception as error:
-                results.append(error)
-        return results
+                return [error]
+        try:
+            return list(await self._many(rows))
+        except Exception as error:
+            if not self._alone:
+                return [error] * len(rows)
+            logger.warning(
+                "%s: a statement for %d calls failed; trying each alone",
+                self.name,
+                len(rows),
+                exc_info=True,
+            )
+        return list(await asyncio.gather(*map(self._one, rows), return_exceptions=True))
 
 
 @dataclass
@@ -331,7 +327,7 @@ def as_columns(rows: list[Mapping[str, Any]], *, scalars: tuple[str, ...] = ()) 
 
 STATEMENT_ROWS = Histogram(
     "real200_db_statement_rows",
-    "Calls served by one statement of group commit (hold, settlement)",
+    "Calls served by one statement of group commit (hold, settle, counters)",
     ["statement"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 100),
 )

@@ -25,6 +25,7 @@ def pytest_configure(config) -> None:
     # own cache namespace on the shared Redis, for this process and the servers it starts.
     prefix = f"test-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-{os.getpid()}"
     os.environ["CACHE_KEY_PREFIX"] = prefix
+    django_settings.CACHE_KEY_PREFIX = prefix  # the rate limiter's counters
     django_settings.CACHES["default"]["KEY_PREFIX"] = prefix
     # Likewise a Celery queue of its own: a worker started by one test process must never
     # take a task meant for another's database.

@@ -26,6 +26,7 @@ from django.conf import settings
 from prometheus_client import Counter
 
 from apps.keys.selectors import KeyGrant
+from config.asyncdb import GroupCommit
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +121,17 @@ ALWAYS = -1  # the limit of a counter that counts past its limit
 
 
 class _RedisCounters:
-    """The counters in Redis: one client (and connection pool) per event loop."""
+    """The counters in Redis: one client (and connection pool) per event loop.
+
+    The changes of concurrent calls go to Redis together, in one run of the script
+    (`GroupCommit`): it applies them in the order the calls came, each counter as if the
+    calls had been sent one by one."""
 
     def __init__(self, url: str) -> None:
         self._url = url
         self._clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+        # A failure of Redis is every call's, not one call's: none is retried alone.
+        self._runs = GroupCommit("counters", one=self._run, many=self._run_many, alone=False)
 
     def _client(self) -> aioredis.Redis:
         loop = asyncio.get_running_loop()
@@ -147,11 +154,24 @@ class _RedisCounters:
             await client.aclose()
 
     async def add(self, changes: list[tuple[str, int, int]]) -> list[tuple[int, bool]]:
+        return await self._runs.submit(changes)
+
+    async def _run(self, changes: list[tuple[str, int, int]]) -> list[tuple[int, bool]]:
         args: list[int] = [_COUNTER_SECONDS]
         for _key, amount, limit in changes:
             args += [amount, limit]
         flat = await self._client().count(keys=[key for key, _a, _l in changes], args=args)
         return [(int(flat[i]), bool(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+    async def _run_many(
+        self, calls: list[list[tuple[str, int, int]]]
+    ) -> list[list[tuple[int, bool]]]:
+        answers = await self._run([change for changes in calls for change in changes])
+        each, start = [], 0
+        for changes in calls:
+            each.append(answers[start : start + len(changes)])
+            start += len(changes)
+        return each
 
 
 class _LocalCounters:

@@ -8,6 +8,7 @@ import asyncio
 import itertools
 
 import pytest
+from prometheus_client import REGISTRY
 
 from apps.keys import limits
 from apps.keys.limits import ALWAYS, LimitExceeded, call_admit, counters
@@ -69,3 +70,36 @@ def test_a_call_whose_tokens_do_not_fit_is_refused_but_its_request_counts():
         asyncio.run(call_admit(grant, 20))
     assert refused.value.admission.tokens.remaining == 10
     assert (_count("rpm-key", grant.id), _count("tpm", grant.id)) == (2, 40)
+
+
+@pytest.mark.redis
+def test_calls_admitted_at_once_share_one_run_and_are_counted_in_arrival_order():
+    """Concurrent calls' counts go to Redis in one run of the script, applied in the
+    order the calls came: exactly as if each had been sent alone, one after another."""
+    grant = _grant(rpm=3, tpm=100)
+
+    def runs() -> tuple[float, float]:
+        labels = {"statement": "counters"}
+        return (
+            REGISTRY.get_sample_value("real200_db_statement_rows_count", labels) or 0.0,
+            REGISTRY.get_sample_value("real200_db_statement_rows_sum", labels) or 0.0,
+        )
+
+    async def five_at_once():
+        return await asyncio.gather(
+            *(call_admit(grant, 30) for _ in range(5)), return_exceptions=True
+        )
+
+    before = runs()
+    answers = asyncio.run(five_at_once())
+    statements, calls = (after - start for after, start in zip(runs(), before, strict=True))
+    assert calls >= 5
+    assert statements < calls
+    admitted = [a for a in answers if not isinstance(a, BaseException)]
+    assert [(a.requests.remaining, a.tokens.remaining) for a in admitted] == [
+        (2, 70),
+        (1, 40),
+        (0, 10),
+    ]
+    assert all(isinstance(a, LimitExceeded) for a in answers[3:])
+    assert (_count("rpm-key", grant.id), _count("tpm", grant.id)) == (5, 90)  # refusals count
