@@ -1,0 +1,64 @@
+"""The start of a call (apps.gateway.calls.open_call) when its client leaves meanwhile.
+
+The rate limits and the hold run in a task of their own, so a client that leaves cannot
+cancel them halfway; what they took is then given back at once, not when the hold
+expires. These run on the real PostgreSQL and Redis, in an event loop of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from apps.billing.models import Hold, HoldStatus
+from apps.gateway import calls
+from apps.gateway.validation import validate_chat_request
+from apps.keys import limits
+from apps.keys.models import ApiKey
+from apps.keys.selectors import KeyGrant
+from tests.dashboard.people import make_callable
+from tests.usage.test_async_statements import _customer, run
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
+
+
+def test_a_client_that_leaves_while_its_call_is_admitted_leaves_nothing_held(
+    funded_org, api_key, price
+):
+    make_callable("gpt-4o")
+    grant = KeyGrant.of(ApiKey.objects.select_related("organization").get(pk=api_key.pk))
+    request = validate_chat_request(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    )
+    balance = _customer(funded_org).balance_nano
+
+    async def leave_while_admitted() -> str:
+        # A warm process: the route and the tokenizer are loaded, so the call's first
+        # wait is its admission (the rate limits and the hold).
+        await calls.resolve_route(grant, "gpt-4o")
+        await calls.estimate_prompt_tokens(request)
+        window = limits._window(time.time())[0]
+        opening = asyncio.ensure_future(
+            calls.open_call(
+                call_id="chatcmpl-left", grant=grant, request=request, started=time.monotonic()
+            )
+        )
+        await asyncio.sleep(0)  # the call starts and waits for its admission
+        assert not opening.done()
+        opening.cancel()  # the client leaves
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        [(reserved, _added)] = await limits.counters().add(
+            [(limits._counter("tpm", grant.id, window), 0, limits.ALWAYS)]
+        )
+        return reserved
+
+    reserved_tokens = run(leave_while_admitted())
+
+    hold = Hold.objects.get(request_id="chatcmpl-left")  # it was placed, then released
+    assert hold.status == HoldStatus.RELEASED
+    customer = _customer(funded_org)
+    assert (customer.balance_nano, customer.held_nano) == (balance, 0)
+    assert reserved_tokens == 0  # its tokens went back too
