@@ -265,6 +265,9 @@ GATEWAY_HOLD_SECONDS = GATEWAY_MAX_CALL_SECONDS + 300
 # With no max_tokens, a call goes ahead only if the balance affords the prompt and at
 # least this many output tokens.
 GATEWAY_MIN_REPLY_TOKENS = env_int("GATEWAY_MIN_REPLY_TOKENS", 16)
+# Unknown API keys one client address may send in a minute before its keys are no longer
+# looked up in the database (429 until the minute ends; cached keys still pass).
+GATEWAY_UNKNOWN_KEYS_PER_MINUTE = env_int("GATEWAY_UNKNOWN_KEYS_PER_MINUTE", 30)
 GATEWAY_UPSTREAM_CONNECTIONS = env_int("GATEWAY_UPSTREAM_CONNECTIONS", 2000)
 # Rate limits: every organization's keys together may make ORG_DEFAULT_RPM requests a
 # minute unless the organization has its own limit; a key without its own tokens-per-minute

@@ -23,6 +23,7 @@ from apps.gateway.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    RateLimited,
     RequestTooLarge,
     ServiceBusy,
     UpstreamTimeout,
@@ -30,7 +31,8 @@ from apps.gateway.errors import (
 )
 from apps.gateway.providers.base import StreamEvent, UpstreamFailed
 from apps.gateway.validation import validate_chat_request
-from apps.keys.selectors import KeyGrant, key_authenticate
+from apps.keys.limits import unknown_key_note, unknown_keys_wait
+from apps.keys.selectors import KeyGrant, KeyLookupRefused, key_authenticate
 from apps.usage.models import EndReason
 
 logger = logging.getLogger(__name__)
@@ -55,12 +57,23 @@ async def authenticate(request: HttpRequest) -> KeyGrant:
         )
     if scheme.lower() != "bearer" or not token.strip():
         raise InvalidApiKey("The Authorization header must be 'Bearer sk-real200-…'.")
-    grant = await key_authenticate(token.strip())
+    address = client_ip(request)
+    wait = unknown_keys_wait(address)
+    try:
+        grant = await key_authenticate(token.strip(), look_up=wait is None)
+    except KeyLookupRefused:
+        raise RateLimited(
+            f"Too many requests with unknown API keys from {address}. Check the key your "
+            f"client sends; retry in {wait} s.",
+            code="too_many_unknown_keys",
+            headers={"Retry-After": str(wait)},
+        ) from None
     if grant is None:
+        await unknown_key_note(address)
         raise InvalidApiKey("Incorrect API key provided. Find your keys in the dashboard.")
     # A revoked or expired key, or one used from outside its address list, may do nothing,
     # whatever the body says: these come before any validation of the request.
-    calls.check_key(grant, client_ip(request))
+    calls.check_key(grant, address)
     return grant
 
 

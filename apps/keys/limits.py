@@ -222,6 +222,7 @@ def counters_forget() -> None:
     global _counters
     _counters = None
     _refused.clear()
+    _guessing.clear()
 
 
 def _window(now: float) -> tuple[int, float]:
@@ -230,7 +231,7 @@ def _window(now: float) -> tuple[int, float]:
     return window, (window + 1) * WINDOW_SECONDS - now
 
 
-def _counter(kind: str, owner: int, window: int) -> str:
+def _counter(kind: str, owner: int | str, window: int) -> str:
     return f"{settings.CACHE_KEY_PREFIX}:{kind}:{owner}:{window}"
 
 
@@ -331,3 +332,42 @@ async def tokens_correct(admission: Admission, used_tokens: int) -> None:
         await counters().add([(admission.tokens_key, delta, ALWAYS)])
     except Exception as error:
         _fail_open("tokens correction", error)
+
+
+# --- Unknown keys ---------------------------------------------------------------------------
+# A key that is in no cache costs a database lookup, and keys are random: an address that
+# sends one made-up key after another would cost a query each. Unknown keys are counted
+# per address across processes (the shared counters); past the limit in a minute, each
+# process that sees the address again refuses its lookups until the minute ends. Keys
+# already in a cache still pass: a shared office address is not locked out of its keys.
+
+# The end of the minute until which each address may not look keys up, in this process.
+_guessing: dict[str, float] = {}
+
+
+def unknown_keys_wait(client_ip: str) -> int | None:
+    """Seconds until this address may have keys looked up again, or None if it may now."""
+    until = _guessing.get(client_ip)
+    if until is None:
+        return None
+    left = until - time.time()
+    if left > 0:
+        return max(math.ceil(left), 1)
+    del _guessing[client_ip]
+    return None
+
+
+async def unknown_key_note(client_ip: str) -> None:
+    """Count an unknown key sent from this address."""
+    window, _reset = _window(time.time())
+    try:
+        [(count, _added)] = await counters().add(
+            [(_counter("unknown-keys", client_ip, window), 1, ALWAYS)]
+        )
+    except Exception as error:
+        _fail_open("unknown keys", error)
+        return
+    if count >= settings.GATEWAY_UNKNOWN_KEYS_PER_MINUTE:
+        if len(_guessing) > 10_000:  # bound the memo: a botnet's addresses are forgotten
+            _guessing.clear()
+        _guessing[client_ip] = (window + 1) * WINDOW_SECONDS

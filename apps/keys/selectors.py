@@ -26,6 +26,10 @@ class KeyNotFound(LookupError):
     pass
 
 
+class KeyLookupRefused(Exception):
+    """The key is in no cache, and the caller may not have it looked up in the database."""
+
+
 def key_list_for_org(*, organization: Organization) -> QuerySet[ApiKey]:
     """An organization's keys, newest first, revoked ones included."""
     return ApiKey.objects.filter(organization=organization).order_by("-created_at", "-pk")
@@ -125,41 +129,48 @@ def _grant_from_db(key_hash: str) -> KeyGrant | None:
     return KeyGrant.of(key) if key is not None else None
 
 
-async def key_authenticate(clear_key: str) -> KeyGrant | None:
+async def key_authenticate(clear_key: str, *, look_up: bool = True) -> KeyGrant | None:
     """The grant of a well-formed, known key (revoked and expired ones included: the
-    caller refuses them with their own message), or None."""
+    caller refuses them with their own message), or None. With `look_up=False` a key
+    that is in no cache raises KeyLookupRefused instead of costing a query."""
     if not KEY_SHAPE.match(clear_key):
         return None
     key_hash = hash_key(clear_key)
     memo = _local.get(key_hash)
     if memo is not None and memo[0] > time.monotonic():
         return memo[1]
-    return await _lookups.run(key_hash, lambda: _grant_remembered(key_hash))
+    return await _lookups.run(key_hash, lambda: _grant_remembered(key_hash, look_up))
 
 
-async def _grant_remembered(key_hash: str) -> KeyGrant | None:
-    grant = await _grant_shared(key_hash)
+async def _grant_remembered(key_hash: str, look_up: bool) -> KeyGrant | None:
+    grant = await _grant_shared(key_hash, look_up)
     if len(_local) > 10_000:  # bound the memo; a flood of distinct bad keys cannot grow it
         _local.clear()
     _local[key_hash] = (time.monotonic() + LOCAL_TTL, grant)
     return grant
 
 
-async def _grant_shared(key_hash: str) -> KeyGrant | None:
+async def _grant_shared(key_hash: str, look_up: bool) -> KeyGrant | None:
     """The grant from the shared cache, or from the database into the shared cache."""
     try:
         cached = await cache.aget(grant_cache_key(key_hash))
     except Exception as error:  # the shared cache is down: ask the database
         logger.error("key cache unavailable, reading the database: %s", error)
-        return await db_step(_grant_from_db, key_hash)
+        return await _grant_looked_up(key_hash, look_up)
     if cached is not None:
         return None if cached == _MISSING else cached
-    grant = await db_step(_grant_from_db, key_hash)
+    grant = await _grant_looked_up(key_hash, look_up)
     try:
         await cache.aset(grant_cache_key(key_hash), grant or _MISSING, SHARED_TTL)
     except Exception as error:  # went down meanwhile: the grant read is still good
         logger.error("key cache unavailable, not remembering the key: %s", error)
     return grant
+
+
+async def _grant_looked_up(key_hash: str, look_up: bool) -> KeyGrant | None:
+    if not look_up:
+        raise KeyLookupRefused
+    return await db_step(_grant_from_db, key_hash)
 
 
 def grants_forget() -> None:

@@ -16,8 +16,9 @@ from apps.billing.models import Hold
 from apps.catalog.models import LanguageModel
 from apps.catalog.services import price_set
 from apps.keys.models import KEY_PREFIX, KEY_RANDOM_LENGTH, ApiKey, hash_key
-from apps.keys.services import key_revoke
+from apps.keys.services import key_create, key_revoke
 from tests.gateway.bad_requests import BAD_REQUESTS, BASE
+from tests.keys.test_limits import _away_from_a_window_edge
 from tests.openapi import assert_valid
 
 pytestmark = pytest.mark.postgres
@@ -132,6 +133,37 @@ def test_the_sdk_raises_authentication_error_for_an_unknown_key(live):
     client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=UNKNOWN_KEY, max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+
+
+def test_an_address_sending_unknown_keys_is_refused_lookups_until_the_minute_ends(live, settings):
+    """Each unknown key costs a database lookup: past the limit, an address's keys that
+    are in no cache are refused with a 429 instead, while its cached keys still pass and
+    other addresses are not touched."""
+    settings.GATEWAY_UNKNOWN_KEYS_PER_MINUTE = 3
+    settings.TRUSTED_PROXIES = ["127.0.0.1"]  # the test's client speaks for other addresses
+    guesser, neighbour = {"X-Forwarded-For": "203.0.113.7"}, {"X-Forwarded-For": "203.0.113.8"}
+    organization = ApiKey.objects.get(key_hash=hash_key(live.key)).organization
+    _key, unused_yet = key_create(organization=organization, name="not yet in any cache")
+    unchanged = NothingHappened(live)
+    _away_from_a_window_edge()
+
+    def models(key: str, address: dict) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}", **address}
+        return httpx.get(f"{live.url}/v1/models", headers=headers)
+
+    assert models(live.key, guesser).status_code == 200  # now in the caches
+    for n in range(3):
+        assert_error(
+            models(KEY_PREFIX + str(n) * KEY_RANDOM_LENGTH, guesser), 401, "invalid_api_key"
+        )
+    refused = models(KEY_PREFIX + "9" * KEY_RANDOM_LENGTH, guesser)
+    error = assert_error(refused, 429, "rate_limit_exceeded", code="too_many_unknown_keys")
+    assert "203.0.113.7" in error["message"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert models(unused_yet, guesser).status_code == 429  # not looked up
+    assert models(live.key, guesser).status_code == 200  # cached: still passes
+    assert models(unused_yet, neighbour).status_code == 200
+    unchanged.check()
 
 
 def _wait_refused(live, key: str, seconds: float = 3.0) -> httpx.Response:
