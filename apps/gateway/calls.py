@@ -275,14 +275,7 @@ async def open_call(
         rates=route.price,
         min_reply_tokens=settings.GATEWAY_MIN_REPLY_TOKENS,
     )
-    starting = asyncio.ensure_future(_admit_and_hold(grant, call_id, request.model, quote))
-    try:
-        admission, hold, max_tokens = await asyncio.shield(starting)
-    except asyncio.CancelledError:
-        # The client left meanwhile; the shielded step goes on regardless. Free what it
-        # holds now, not when the hold expires.
-        await asyncio.shield(_undo_abandoned(starting))
-        raise
+    admission, hold, max_tokens = await _admit_and_hold(grant, call_id, request.model, quote)
     return Call(
         id=call_id,
         grant=grant,
@@ -307,23 +300,27 @@ async def _admit_and_hold(
     the event loop's passes, and the first token waited for both in turn. A key refused
     for its limits in this window is checked first instead, so that a client that keeps
     sending past its limits gets its 429s without a hold written and released for each.
+
+    Each step runs in a task of its own, which a client who leaves does not cancel:
+    what they took is then given back once they finish, in the background.
     """
     admitting = asyncio.ensure_future(call_admit(grant, quote.worst_case_tokens))
-    if refused_lately(grant):
-        await asyncio.wait([admitting])
     placing = None
-    if not admitting.done() or admitting.exception() is None:
-        placing = asyncio.ensure_future(_hold(grant, call_id, quote))
-        await asyncio.wait([admitting, placing])
+    try:
+        if refused_lately(grant):
+            await asyncio.wait([admitting])
+        if not admitting.done() or admitting.exception() is None:
+            placing = asyncio.ensure_future(_hold(grant, call_id, quote))
+            await asyncio.wait([admitting, placing])
+    except asyncio.CancelledError:
+        _settle_in_background(_undo_abandoned(call_id, admitting, placing))
+        raise
     not_admitted = admitting.exception()
     not_held = placing.exception() if placing is not None else None
     if not_admitted is None and not_held is None:
         hold, max_tokens = placing.result()
         return admitting.result(), hold, max_tokens
-    if not_admitted is None:  # the call does not run: its tokens go back
-        await tokens_correct(admitting.result(), 0)
-    if placing is not None and not_held is None:
-        await db_step(hold_release, hold=placing.result()[0])
+    await asyncio.shield(_undo_taken(admitting, placing))
     if isinstance(not_admitted, LimitExceeded):
         raise rate_limited(not_admitted) from None
     if not_admitted is not None:
@@ -345,14 +342,25 @@ async def _admit_and_hold(
     raise not_held
 
 
-async def _undo_abandoned(starting: asyncio.Future) -> None:
-    """Give back what `_admit_and_hold` took for a call whose client has left."""
-    try:
-        admission, hold, _max_tokens = await starting
-    except Exception:
-        return  # refused or failed: it undid its own steps
-    await asyncio.gather(tokens_correct(admission, 0), db_step(hold_release, hold=hold))
-    logger.info("call %s: the client left before the call began; hold released", hold.request_id)
+async def _undo_taken(admitting: asyncio.Future, placing: asyncio.Future | None) -> None:
+    """Give back what the finished steps of a call that does not run took: the tokens
+    reserved for it, its hold."""
+    undo = []
+    if admitting.exception() is None:
+        undo.append(tokens_correct(admitting.result(), 0))
+    if placing is not None and placing.exception() is None:
+        undo.append(db_step(hold_release, hold=placing.result()[0]))
+    await asyncio.gather(*undo)
+
+
+async def _undo_abandoned(
+    call_id: str, admitting: asyncio.Future, placing: asyncio.Future | None
+) -> None:
+    """`_undo_taken` for a call whose client left while it was admitted: once its steps
+    finish, not when the hold expires."""
+    await asyncio.wait([step for step in (admitting, placing) if step is not None])
+    await _undo_taken(admitting, placing)
+    logger.info("call %s: the client left before the call began; what it took is back", call_id)
 
 
 # --- Upstream ----------------------------------------------------------------------------
@@ -667,8 +675,9 @@ async def settle(call: Call) -> None:
     metrics.observe_call(outcome, record.charged_nano if record else 0)
 
 
-# Settlements that outlive their response: asyncio keeps only weak references to tasks,
-# so they are kept here until done.
+# Settlements that outlive their response, and the undoing of what a call whose client
+# left before it began took: asyncio keeps only weak references to tasks, so they are
+# kept here until done (and waited for at shutdown).
 _late_settlements: set[asyncio.Task] = set()
 
 

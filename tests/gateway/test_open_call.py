@@ -1,8 +1,8 @@
 """The start of a call (apps.gateway.calls.open_call) when its client leaves meanwhile.
 
-The rate limits and the hold run in a task of their own, so a client that leaves cannot
-cancel them halfway; what they took is then given back at once, not when the hold
-expires. These run on the real PostgreSQL and Redis, in an event loop of their own.
+The rate limits and the hold run in tasks of their own, so a client that leaves cannot
+cancel them halfway; what they took is then given back as soon as they finish, not when
+the hold expires. These run on the real PostgreSQL and Redis, in an event loop of their own.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def test_a_client_that_leaves_while_its_call_is_admitted_leaves_nothing_held(
         opening.cancel()  # the client leaves
         with pytest.raises(asyncio.CancelledError):
             await opening
+        await calls.late_settlements_finish()  # the undo runs once the steps finish
         [(reserved, _added)] = await limits.counters().add(
             [(limits._counter("tpm", grant.id, window), 0, limits.ALWAYS)]
         )
