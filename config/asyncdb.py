@@ -74,22 +74,22 @@ def fetch_one_available() -> bool:
 
 
 async def fetch_one(sql: str, params: Mapping[str, Any]) -> tuple | None:
+    """`fetch_all`, returning the first row (or None)."""
+    rows = await fetch_all(sql, params)
+    return rows[0] if rows else None
+
+
+async def fetch_all(sql: str, params: Mapping[str, Any]) -> list[tuple]:
     """Run one statement on this event loop's async connection pool, as its own
     transaction (autocommit, as Django runs a statement outside `atomic`), and return its
-    first row. Errors are raised as Django's database errors, so callers handle them as
-    they would the ORM's.
+    rows. Errors are raised as Django's database errors, so callers handle them as they
+    would the ORM's.
 
     A connection stays in use until the loop gets round to its answer, which takes a busy
     loop several passes: under a burst of new calls (1,000 streams opened within a second)
     every connection can be in use. The statement then runs in a worker thread on Django's
     pool instead of queueing for one (where it would wait for the loop's passes again).
     """
-    rows = await fetch_all(sql, params)
-    return rows[0] if rows else None
-
-
-async def fetch_all(sql: str, params: Mapping[str, Any]) -> list[tuple]:
-    """`fetch_one`, returning every row the statement returns."""
     try:
         pool = await _loop_pool()
         if _in_use(pool):
