@@ -60,24 +60,34 @@ class ApiHandler(ASGIHandler):
 
     async def _respond_unless_disconnected(self, request: HttpRequest, receive, send) -> None:
         """Run the view and send its response, cancelling it if the client disconnects
-        first (as Django does: the view sees a CancelledError at its current await)."""
+        first (as Django does: the view sees a CancelledError at its current await).
 
-        async def respond() -> None:
-            response = await self.run_get_response(request)
-            with contextlib.suppress(asyncio.CancelledError):  # the client left meanwhile
-                await self.send_response(response, send)
+        The view runs in this task, with only the listener for a disconnect in a task of
+        its own: a task for the view too (Django's way) cost a turn of the event loop
+        before it started, which under load is milliseconds of every call's latency."""
+        responding = asyncio.current_task()
+        client_left = False
+
+        def cancel_the_response(listening: asyncio.Task) -> None:
+            nonlocal client_left
+            if not listening.cancelled() and isinstance(listening.exception(), RequestAborted):
+                client_left = True
+                responding.cancel()
 
         listening = asyncio.create_task(self.listen_for_disconnect(receive))
-        responding = asyncio.create_task(respond())
-        await asyncio.wait((listening, responding), return_when=asyncio.FIRST_COMPLETED)
-        for task in (listening, responding):
-            if task.done():
-                with contextlib.suppress(RequestAborted, asyncio.CancelledError):
-                    task.result()  # RequestAborted: the client disconnected
-            else:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        listening.add_done_callback(cancel_the_response)
+        try:
+            response = await self.run_get_response(request)
+            await self.send_response(response, send)
+        except asyncio.CancelledError:
+            if not client_left:
+                raise  # the server is stopping, not the client leaving
+            responding.uncancel()
+        finally:
+            listening.remove_done_callback(cancel_the_response)
+            listening.cancel()
+            with contextlib.suppress(RequestAborted, asyncio.CancelledError):
+                await listening
 
     def load_middleware(self, is_async: bool = False) -> None:
         # BaseHandler builds its chain from settings.MIDDLEWARE; build this one from the
