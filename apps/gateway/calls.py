@@ -344,13 +344,21 @@ async def _admit_and_hold(
 
 async def _undo_taken(admitting: asyncio.Future, placing: asyncio.Future | None) -> None:
     """Give back what the finished steps of a call that does not run took: the tokens
-    reserved for it, its hold."""
-    undo = []
+    reserved for it, its hold. A hold that cannot be released now (the database is
+    failing) is logged and left to expire: it only reserves money, and the customer
+    still gets the answer that refused the call."""
     if admitting.exception() is None:
-        undo.append(tokens_correct(admitting.result(), 0))
+        await tokens_correct(admitting.result(), 0)  # fails open, logged
     if placing is not None and placing.exception() is None:
-        undo.append(db_step(hold_release, hold=placing.result()[0]))
-    await asyncio.gather(*undo)
+        hold = placing.result()[0]
+        try:
+            await db_step(hold_release, hold=hold)
+        except DatabaseError:
+            logger.exception(
+                "call %s: its hold could not be released; it expires at %s",
+                hold.request_id,
+                hold.expires_at.isoformat(),
+            )
 
 
 async def _undo_abandoned(

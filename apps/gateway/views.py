@@ -32,7 +32,7 @@ from apps.gateway.errors import (
 from apps.gateway.providers.base import StreamEvent, UpstreamFailed
 from apps.gateway.validation import validate_chat_request
 from apps.keys.limits import unknown_key_note, unknown_keys_wait
-from apps.keys.selectors import KeyGrant, KeyLookupRefused, key_authenticate
+from apps.keys.selectors import KEY_SHAPE, KeyGrant, KeyLookupRefused, key_authenticate
 from apps.usage.models import EndReason
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,10 @@ async def authenticate(request: HttpRequest) -> KeyGrant:
             headers={"Retry-After": str(wait)},
         ) from None
     if grant is None:
-        await unknown_key_note(address)
+        # Only a well-formed key can cost a lookup; a malformed one (another provider's
+        # key, a truncated paste) is refused for free and not held against the address.
+        if KEY_SHAPE.match(token.strip()):
+            await unknown_key_note(address)
         raise InvalidApiKey("Incorrect API key provided. Find your keys in the dashboard.")
     # A revoked or expired key, or one used from outside its address list, may do nothing,
     # whatever the body says: these come before any validation of the request.

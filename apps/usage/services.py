@@ -266,6 +266,9 @@ async def _settle_many(rows: list[dict]) -> list[tuple | None]:
     return [ids.get(row["request_id"]) for row in rows]
 
 
+# Both statements stay: for a single call, `_SETTLE_MANY` took 1.8 ms against 0.8 for
+# `_SETTLE` (and the grouped hold 0.8 ms against 0.5; median of 1,000 each on an idle
+# database, 2026-11-26), so a process that is not busy sends each call alone.
 _settle_statements = GroupCommit("settle", one=_settle_one, many=_settle_many)
 
 # `_SETTLE` for many calls, on any accounts. The ledger's locking rule holds for the

@@ -152,6 +152,8 @@ def test_an_address_sending_unknown_keys_is_refused_lookups_until_the_minute_end
         return httpx.get(f"{live.url}/v1/models", headers=headers)
 
     assert models(live.key, guesser).status_code == 200  # now in the caches
+    for malformed in ("sk-proj-abc", KEY_PREFIX + "short", "sk-ant-xyz", "x", "sk-1"):
+        assert_error(models(malformed, guesser), 401, "invalid_api_key")  # free: not counted
     for n in range(3):
         assert_error(
             models(KEY_PREFIX + str(n) * KEY_RANDOM_LENGTH, guesser), 401, "invalid_api_key"
