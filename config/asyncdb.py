@@ -229,8 +229,8 @@ class GroupCommit(Generic[RowT, ResultT]):
     If `many` fails, each of its rows is tried alone (at once), so that a row that breaks
     the statement (a constraint, a deadlock) fails its own call only; with `alone=False`
     (a failure that cannot be one row's, e.g. the server is down) every row fails with
-    it. Callers must shield `submit` from cancellation: a row that was sent is applied
-    whether or not its caller still waits.
+    it. A row that was sent is applied whether or not its caller still waits: its
+    result is a `Landing`, which a caller's cancellation does not cancel.
     """
 
     def __init__(
@@ -254,18 +254,24 @@ class GroupCommit(Generic[RowT, ResultT]):
         )
 
     async def submit(self, row: RowT) -> ResultT:
+        return await self.enqueue(row)
+
+    def enqueue(self, row: RowT) -> Landing[ResultT]:
+        """Put `row` in the next statement, and return its result's future without
+        waiting for it: a call with other work to start (its hold beside its rate limits)
+        waits for both at once, with no task of its own around either."""
         loop = asyncio.get_running_loop()
         waiting = self._loops.get(loop)
         if waiting is None:
             waiting = self._loops[loop] = _Waiting()
-        result = loop.create_future()
+        result = Landing(loop=loop)
         waiting.rows.append((row, result))
         if waiting.flying < self._flights:
             waiting.flying += 1
             flight = loop.create_task(self._fly(waiting))
             waiting.flights.add(flight)  # the loop keeps only weak references to tasks
             flight.add_done_callback(waiting.flights.discard)
-        return await result
+        return result
 
     async def _fly(self, waiting: _Waiting) -> None:
         # A task starts at the loop's next pass: the rows of every call that reached this
@@ -278,8 +284,6 @@ class GroupCommit(Generic[RowT, ResultT]):
                 STATEMENT_ROWS.labels(statement=self.name).observe(len(batch))
                 results = await self._results([row for row, _ in batch])
                 for (_row, future), result in zip(batch, results, strict=True):
-                    if future.done():
-                        continue
                     if isinstance(result, BaseException):
                         future.set_exception(result)
                     else:
@@ -288,7 +292,7 @@ class GroupCommit(Generic[RowT, ResultT]):
         finally:
             waiting.flying -= 1
             for _row, future in batch:  # cancelled mid-statement (the loop is closing)
-                future.cancel()
+                asyncio.Future.cancel(future)
 
     async def _results(self, rows: list[RowT]) -> list[ResultT | BaseException]:
         if len(rows) == 1:
@@ -308,6 +312,19 @@ class GroupCommit(Generic[RowT, ResultT]):
                 exc_info=True,
             )
         return list(await asyncio.gather(*map(self._one, rows), return_exceptions=True))
+
+
+class Landing(asyncio.Future, Generic[T]):
+    """The future of a row's result, which whoever awaits it cannot cancel.
+
+    A task cancelled while it awaits a Landing (its client left) goes on waiting, and
+    the CancelledError reaches it when the result lands: the row was sent and is applied
+    anyway, and its result (a hold to give back) can then still be read. An ordinary
+    future would be cancelled with its waiter and its result lost; `asyncio.shield` keeps
+    it, at the cost of a turn of the event loop on every call."""
+
+    def cancel(self, msg: object = None) -> bool:
+        return False
 
 
 @dataclass

@@ -8,10 +8,13 @@ and held for as short a time as possible; and there are several (`revenue_accoun
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Coroutine
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from django.core.mail import send_mail
 from django.db import IntegrityError, connection, transaction
@@ -371,24 +374,115 @@ async def hold_place_for_call_async(
     """`hold_place_for_call` for the organization's account, from async code: the one
     statement runs on the event loop's own connection; anything else (the careful path,
     another database) in a worker thread."""
+    return await hold_start_for_call(
+        organization_id=organization_id,
+        key=key,
+        request_id=request_id,
+        expires_at=expires_at,
+        quote=quote,
+    ).hold()
+
+
+def hold_start_for_call(
+    *,
+    organization_id: int,
+    key: KeyBudget | None,
+    request_id: str,
+    expires_at: datetime,
+    quote: CallQuote,
+) -> PendingHold:
+    """`hold_place_for_call_async` in two parts: this one sends the call's row with the
+    next hold statement when it can (nearly always) and returns at once;
+    `PendingHold.hold` waits for it. A caller with other work to start meanwhile (the
+    call's rate limits) starts it with no task around either."""
     account_id = _customer_account_ids.get(organization_id)
     if account_id is None:
-        account_id = await db_step(account_id_for_organization, organization_id=organization_id)
+        return PendingHold.in_steps(
+            _hold_for_new_account(organization_id, key, request_id, expires_at, quote)
+        )
+    return _hold_start(account_id, key, request_id, expires_at, quote)
+
+
+def _hold_start(
+    account_id: int, key: KeyBudget | None, request_id: str, expires_at: datetime, quote: CallQuote
+) -> PendingHold:
     if _budgeted(key) or not fetch_one_available():
-        return await db_step(
-            hold_place_for_call,
-            account_id=account_id,
-            key=key,
-            request_id=request_id,
-            expires_at=expires_at,
-            quote=quote,
+        return PendingHold.in_steps(
+            db_step(
+                hold_place_for_call,
+                account_id=account_id,
+                key=key,
+                request_id=request_id,
+                expires_at=expires_at,
+                quote=quote,
+            )
         )
     worst = _WorstCase.of(account_id, key, request_id, expires_at, quote)
-    now = timezone.now()
-    hold_id = await _hold_statements.submit(worst.params(now))
-    if hold_id is not None:
-        return worst.placed(hold_id, now), worst.tokens
-    return await db_step(_hold_carefully, key=key, quote=quote, worst=worst)
+    return PendingHold.if_covered(worst, key, quote)
+
+
+async def _hold_for_new_account(
+    organization_id: int,
+    key: KeyBudget | None,
+    request_id: str,
+    expires_at: datetime,
+    quote: CallQuote,
+) -> tuple[Hold, int]:
+    account_id = await db_step(account_id_for_organization, organization_id=organization_id)
+    return await _hold_start(account_id, key, request_id, expires_at, quote).hold()
+
+
+class PendingHold:
+    """A call's hold, asked for. `hold` waits for it; `taken` says, once every step
+    started has ended, what was placed (for a call that will not run, to give back).
+
+    The one statement's answer is awaited directly (a `Landing`, which the caller's
+    cancellation cannot lose). Other steps run in a task of their own, which the
+    caller's cancellation does not cancel: the hold they place is not lost either."""
+
+    def __init__(self) -> None:
+        self.key: KeyBudget | None = None
+        self.quote: CallQuote | None = None
+        self.worst: _WorstCase | None = None
+        self.asked_at: datetime | None = None
+        self.covered: asyncio.Future[int | None] | None = None  # the one statement's answer
+        self.steps: asyncio.Future[tuple[Hold, int]] | None = None
+
+    @classmethod
+    def if_covered(cls, worst: _WorstCase, key: KeyBudget | None, quote: CallQuote) -> PendingHold:
+        """Hold the whole worst case by the one statement; if the balance does not
+        cover it, `hold` goes the careful way."""
+        pending = cls()
+        pending.key, pending.quote = key, quote
+        pending.worst, pending.asked_at = worst, timezone.now()
+        pending.covered = _hold_statements.enqueue(worst.params(pending.asked_at))
+        return pending
+
+    @classmethod
+    def in_steps(cls, steps: Coroutine[Any, Any, tuple[Hold, int]]) -> PendingHold:
+        pending = cls()
+        pending.steps = asyncio.ensure_future(steps)
+        return pending
+
+    async def hold(self) -> tuple[Hold, int]:
+        if self.steps is None:
+            hold_id = await self.covered
+            if hold_id is not None:
+                return self.worst.placed(hold_id, self.asked_at), self.worst.tokens
+            self.steps = asyncio.ensure_future(
+                db_step(_hold_carefully, key=self.key, quote=self.quote, worst=self.worst)
+            )
+        return await asyncio.shield(self.steps)
+
+    async def taken(self) -> Hold | None:
+        for step in (self.covered, self.steps):
+            if step is not None:
+                await asyncio.wait([step])
+        if self.steps is not None:
+            return None if self.steps.exception() else self.steps.result()[0]
+        if self.covered.exception() or self.covered.result() is None:
+            return None
+        return self.worst.placed(self.covered.result(), self.asked_at)
 
 
 def _budgeted(key: KeyBudget | None) -> bool:

@@ -32,8 +32,9 @@ from apps.billing.services import (
     CallQuote,
     InsufficientFunds,
     KeyBudget,
-    hold_place_for_call_async,
+    PendingHold,
     hold_release,
+    hold_start_for_call,
 )
 from apps.catalog.selectors import ChannelRoute, Route, callable_models, route_for_model
 from apps.gateway import metrics
@@ -69,7 +70,9 @@ from apps.gateway.validation import ValidRequest
 from apps.keys.limits import (
     Admission,
     LimitExceeded,
+    PendingAdmission,
     call_admit,
+    call_admit_start,
     refused_lately,
     tokens_correct,
 )
@@ -197,8 +200,8 @@ async def estimate_prompt_tokens(request: ValidRequest) -> int:
     )
 
 
-async def _hold(grant: KeyGrant, call_id: str, quote: CallQuote) -> tuple[Hold, int]:
-    return await hold_place_for_call_async(
+def _hold_start(grant: KeyGrant, call_id: str, quote: CallQuote) -> PendingHold:
+    return hold_start_for_call(
         organization_id=grant.organization_id,
         key=KeyBudget(key_id=grant.id, budget_nano=grant.budget_nano, period=grant.budget_period),
         request_id=call_id,
@@ -296,78 +299,79 @@ async def _admit_and_hold(
     """The rate limits (Redis) and the hold (PostgreSQL), which must both pass before the
     upstream is called; when one refuses, what the other did is undone.
 
-    The two are independent, so they run at once: under load each round trip waits for
-    the event loop's passes, and the first token waited for both in turn. A key refused
-    for its limits in this window is checked first instead, so that a client that keeps
-    sending past its limits gets its 429s without a hold written and released for each.
-
-    Each step runs in a task of its own, which a client who leaves does not cancel:
-    what they took is then given back once they finish, in the background.
+    The two are independent, so both are sent at once and their answers awaited in turn:
+    under load each round trip waits for the event loop's passes, and the first token
+    waited for both. Neither runs in a task of its own (each task costs a pass to start
+    and another to report), and neither answer can be lost to a client who leaves
+    meanwhile: what they took is then given back once they finish, in the background.
+    A key refused for its limits in this window is checked first instead, so that a
+    client that keeps sending past its limits gets its 429s without a hold written and
+    released for each.
     """
-    admitting = asyncio.ensure_future(call_admit(grant, quote.worst_case_tokens))
-    placing = None
+    admitting = call_admit_start(grant, quote.worst_case_tokens)
+    placing: PendingHold | None = None
+    admission: Admission | None = None
     try:
         if refused_lately(grant):
-            await asyncio.wait([admitting])
-        if not admitting.done() or admitting.exception() is None:
-            placing = asyncio.ensure_future(_hold(grant, call_id, quote))
-            await asyncio.wait([admitting, placing])
+            admission = await admitting.admission()
+        placing = _hold_start(grant, call_id, quote)
+        if admission is None:
+            admission = await admitting.admission()
+        hold, max_tokens = await placing.hold()
     except asyncio.CancelledError:
         _settle_in_background(_undo_abandoned(call_id, admitting, placing))
         raise
-    not_admitted = admitting.exception()
-    not_held = placing.exception() if placing is not None else None
-    if not_admitted is None and not_held is None:
-        hold, max_tokens = placing.result()
-        return admitting.result(), hold, max_tokens
-    await asyncio.shield(_undo_taken(admitting, placing))
-    if isinstance(not_admitted, LimitExceeded):
-        raise rate_limited(not_admitted) from None
-    if not_admitted is not None:
-        raise not_admitted
-    headers = admitting.result().headers()
-    if isinstance(not_held, InsufficientFunds):  # CallNotAffordable included
-        metrics.REFUSED_FOR_QUOTA.labels(model=model).inc()
-        refusal = _quota_error(not_held, quote)
-        refusal.headers.update(headers)
-        raise refusal from None
-    if isinstance(not_held, DatabaseError):
-        # Overload (the pool had no connection to give in time) or a database blip
-        # before anything was held or sent: the customer may simply retry.
-        logger.error("call %s: the database did not answer in time", call_id, exc_info=not_held)
-        raise ServiceBusy(
-            "real200 is busy right now; nothing was charged. Please retry in a moment.",
-            headers={"Retry-After": "1", **headers},
-        ) from None
-    raise not_held
+    except LimitExceeded as exceeded:
+        await asyncio.shield(_undo_taken(None, placing))
+        raise rate_limited(exceeded) from None
+    except Exception as not_held:
+        await asyncio.shield(_undo_taken(admission, placing))
+        if admission is None:
+            raise
+        headers = admission.headers()
+        if isinstance(not_held, InsufficientFunds):  # CallNotAffordable included
+            metrics.REFUSED_FOR_QUOTA.labels(model=model).inc()
+            refusal = _quota_error(not_held, quote)
+            refusal.headers.update(headers)
+            raise refusal from None
+        if isinstance(not_held, DatabaseError):
+            # Overload (the pool had no connection to give in time) or a database blip
+            # before anything was held or sent: the customer may simply retry.
+            logger.error("call %s: the database did not answer in time", call_id, exc_info=True)
+            raise ServiceBusy(
+                "real200 is busy right now; nothing was charged. Please retry in a moment.",
+                headers={"Retry-After": "1", **headers},
+            ) from None
+        raise
+    return admission, hold, max_tokens
 
 
-async def _undo_taken(admitting: asyncio.Future, placing: asyncio.Future | None) -> None:
-    """Give back what the finished steps of a call that does not run took: the tokens
-    reserved for it, its hold. A hold that cannot be released now (the database is
-    failing) is logged and left to expire: it only reserves money, and the customer
-    still gets the answer that refused the call."""
-    if admitting.exception() is None:
-        await tokens_correct(admitting.result(), 0)  # fails open, logged
-    if placing is not None and placing.exception() is None:
-        hold = placing.result()[0]
-        try:
-            await db_step(hold_release, hold=hold)
-        except DatabaseError:
-            logger.exception(
-                "call %s: its hold could not be released; it expires at %s",
-                hold.request_id,
-                hold.expires_at.isoformat(),
-            )
+async def _undo_taken(admission: Admission | None, placing: PendingHold | None) -> None:
+    """Give back what the steps of a call that does not run took: the tokens reserved for
+    it, its hold (once its steps have finished). A hold that cannot be released now (the
+    database is failing) is logged and left to expire: it only reserves money, and the
+    customer still gets the answer that refused the call."""
+    if admission is not None:
+        await tokens_correct(admission, 0)  # fails open, logged
+    hold = await placing.taken() if placing is not None else None
+    if hold is None:
+        return
+    try:
+        await db_step(hold_release, hold=hold)
+    except DatabaseError:
+        logger.exception(
+            "call %s: its hold could not be released; it expires at %s",
+            hold.request_id,
+            hold.expires_at.isoformat(),
+        )
 
 
 async def _undo_abandoned(
-    call_id: str, admitting: asyncio.Future, placing: asyncio.Future | None
+    call_id: str, admitting: PendingAdmission, placing: PendingHold | None
 ) -> None:
     """`_undo_taken` for a call whose client left while it was admitted: once its steps
     finish, not when the hold expires."""
-    await asyncio.wait([step for step in (admitting, placing) if step is not None])
-    await _undo_taken(admitting, placing)
+    await _undo_taken(await admitting.reserved(), placing)
     logger.info("call %s: the client left before the call began; what it took is back", call_id)
 
 

@@ -154,7 +154,11 @@ class _RedisCounters:
             await client.aclose()
 
     async def add(self, changes: list[tuple[str, int, int]]) -> list[tuple[int, bool]]:
-        return await self._runs.submit(changes)
+        return await self.enqueue(changes)
+
+    def enqueue(self, changes: list[tuple[str, int, int]]) -> asyncio.Future:
+        """`add`, sent with the next run of the script; the counts' future."""
+        return self._runs.enqueue(changes)
 
     async def _run(self, changes: list[tuple[str, int, int]]) -> list[tuple[int, bool]]:
         args: list[int] = [_COUNTER_SECONDS]
@@ -181,6 +185,15 @@ class _LocalCounters:
         self._counts: dict[str, tuple[int, float]] = {}  # key -> (count, expires)
 
     async def add(self, changes: list[tuple[str, int, int]]) -> list[tuple[int, bool]]:
+        return self._add(changes)
+
+    def enqueue(self, changes: list[tuple[str, int, int]]) -> asyncio.Future:
+        """`add`, as a future that is already done: the counts are in this process."""
+        counted = asyncio.get_running_loop().create_future()
+        counted.set_result(self._add(changes))
+        return counted
+
+    def _add(self, changes: list[tuple[str, int, int]]) -> list[tuple[int, bool]]:
         now = time.monotonic()
         if len(self._counts) > 10_000:
             self._counts = {k: v for k, v in self._counts.items() if v[1] > now}
@@ -244,6 +257,14 @@ async def call_admit(grant: KeyGrant, tokens: int) -> Admission:
     key's tokens per minute, in one round trip. Raises LimitExceeded (429) when a
     requests limit is reached or the tokens do not fit. The check and the reservation
     are one step, so two calls racing for the last tokens cannot both be admitted."""
+    return await call_admit_start(grant, tokens).admission()
+
+
+def call_admit_start(grant: KeyGrant, tokens: int) -> PendingAdmission:
+    """`call_admit` in two parts: this one sends the counts (with the next run of the
+    script) and returns at once; `PendingAdmission.admission` waits for them. A caller
+    with other work to start meanwhile (the call's hold) starts it with no task around
+    either."""
     window, reset = _window(time.time())
     limits = [
         (rpm, _counter(kind, owner, window))
@@ -256,45 +277,97 @@ async def call_admit(grant: KeyGrant, tokens: int) -> Admission:
     tokens_key, tokens_limit = _counter("tpm", grant.id, window), _tpm(grant)
     changes = [(key, 1, ALWAYS) for _rpm, key in limits]
     changes.append((tokens_key, tokens, tokens_limit))
-    try:
-        *requests, (tokens_used, reserved) = await counters().add(changes)
-    except Exception as error:  # Redis is down: serve anyway
-        _fail_open("requests", error)
-        return Admission(requests=None, tokens=None)
-    tightest: Window | None = None
-    exceeded: Window | None = None
-    for (rpm, _key), (count, _added) in zip(limits, requests, strict=True):
-        window_left = Window(limit=rpm, remaining=rpm - count, reset_seconds=reset)
-        if count > rpm and exceeded is None:
-            exceeded = window_left
-        if tightest is None or window_left.remaining < tightest.remaining:
-            tightest = window_left
-    tokens_left = Window(
-        limit=tokens_limit, remaining=tokens_limit - tokens_used, reset_seconds=reset
+    return PendingAdmission(
+        grant=grant,
+        tokens=tokens,
+        window=window,
+        reset=reset,
+        limits=limits,
+        tokens_key=tokens_key,
+        tokens_limit=tokens_limit,
+        counted=counters().enqueue(changes),
     )
-    admission = Admission(
-        requests=tightest,
-        tokens=tokens_left,
-        tokens_key=tokens_key if reserved else None,
-        reserved_tokens=tokens if reserved else 0,
-    )
-    if exceeded is not None:
-        _note_refused(grant, window)
-        await tokens_correct(admission, 0)  # the call does not run: its tokens go back
-        raise LimitExceeded(
-            f"Rate limit reached: {exceeded.limit} requests per minute.",
-            Admission(requests=exceeded, tokens=None),
-            exceeded.retry_after,
+
+
+@dataclass(slots=True)
+class PendingAdmission:
+    """A call's counts, sent; what they decide, once they are in (`admission`)."""
+
+    grant: KeyGrant
+    tokens: int
+    window: int
+    reset: float
+    limits: list[tuple[int, str]]  # (requests per minute, counter) for each such limit
+    tokens_key: str
+    tokens_limit: int
+    counted: asyncio.Future  # the counts after the changes, as the script answers them
+    given_back: bool = False  # the reserved tokens went back (the call was refused)
+
+    async def admission(self) -> Admission:
+        """The call's Admission once its counts are in; LimitExceeded if a limit refuses it
+        (the tokens it reserved are given back first)."""
+        counted = await self._counts()
+        if isinstance(counted, Exception):  # Redis is down: serve anyway
+            _fail_open("requests", counted)
+        admission, refusal = self._decision(counted)
+        if refusal is not None:
+            _note_refused(self.grant, self.window)
+            self.given_back = True
+            await tokens_correct(admission, 0)  # the call does not run: its tokens go back
+            raise refusal
+        return admission
+
+    async def reserved(self) -> Admission | None:
+        """Once the counts are in, what the call holds of its limits, to give back when it
+        does not run: None if they failed or went back already."""
+        admission, _refusal = self._decision(await self._counts())
+        return None if self.given_back else admission
+
+    async def _counts(self) -> list[tuple[int, bool]] | Exception:
+        try:
+            return await self.counted
+        except Exception as error:  # Redis did not answer
+            return error
+
+    def _decision(
+        self, counted: list[tuple[int, bool]] | Exception
+    ) -> tuple[Admission, LimitExceeded | None]:
+        if isinstance(counted, Exception):
+            return Admission(requests=None, tokens=None), None
+        *requests, (tokens_used, reserved) = counted
+        tightest: Window | None = None
+        exceeded: Window | None = None
+        for (rpm, _key), (count, _added) in zip(self.limits, requests, strict=True):
+            window_left = Window(limit=rpm, remaining=rpm - count, reset_seconds=self.reset)
+            if count > rpm and exceeded is None:
+                exceeded = window_left
+            if tightest is None or window_left.remaining < tightest.remaining:
+                tightest = window_left
+        tokens_left = Window(
+            limit=self.tokens_limit,
+            remaining=self.tokens_limit - tokens_used,
+            reset_seconds=self.reset,
         )
-    if not reserved and tokens > 0:
-        _note_refused(grant, window)
-        raise LimitExceeded(
-            f"Rate limit reached: {tokens_limit} tokens per minute; this call needs up to "
-            f"{tokens}. Lower max_tokens or retry later.",
-            Admission(requests=tightest, tokens=tokens_left),
-            tokens_left.retry_after,
+        admission = Admission(
+            requests=tightest,
+            tokens=tokens_left,
+            tokens_key=self.tokens_key if reserved else None,
+            reserved_tokens=self.tokens if reserved else 0,
         )
-    return admission
+        if exceeded is not None:
+            return admission, LimitExceeded(
+                f"Rate limit reached: {exceeded.limit} requests per minute.",
+                Admission(requests=exceeded, tokens=None),
+                exceeded.retry_after,
+            )
+        if not reserved and self.tokens > 0:
+            return admission, LimitExceeded(
+                f"Rate limit reached: {self.tokens_limit} tokens per minute; this call needs "
+                f"up to {self.tokens}. Lower max_tokens or retry later.",
+                Admission(requests=tightest, tokens=tokens_left),
+                tokens_left.retry_after,
+            )
+        return admission, None
 
 
 # The window in which each key was last refused, in this process (see `refused_lately`).

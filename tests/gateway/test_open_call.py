@@ -1,8 +1,8 @@
 """The start of a call (apps.gateway.calls.open_call) when its client leaves meanwhile.
 
-The rate limits and the hold run in tasks of their own, so a client that leaves cannot
-cancel them halfway; what they took is then given back as soon as they finish, not when
-the hold expires. These run on the real PostgreSQL and Redis, in an event loop of their own.
+The rate limits and the hold are sent before the call waits for them, and a client that
+leaves cannot lose their answers; what they took is then given back as soon as they
+finish, not when the hold expires. These run on the real PostgreSQL and Redis, in an event loop of their own.
 """
 
 from __future__ import annotations

@@ -417,19 +417,19 @@ def test_a_client_that_leaves_before_the_first_chunk_pays_nothing(live):
 def test_a_client_that_leaves_while_its_hold_is_placed_gets_the_money_back_at_once(
     live, monkeypatch
 ):
-    """The hold runs in a worker thread, which a client's leaving cannot stop: what it
-    held is released as soon as it is placed, not when the hold would expire."""
+    """A hold, once asked for, is placed whether or not its client stays: what it held is
+    released as soon as it is placed, not when the hold would expire."""
     from apps.billing.models import Hold, HoldStatus
     from apps.gateway import calls
 
     assert live.post(streamed(stream=False)).status_code == 200  # warm: vocabulary, route
-    place = calls._hold
+    place = calls._hold_start
 
     def slow_hold(*args, **kwargs):
         time.sleep(0.6)  # the database is slow today: the client gives up first
         return place(*args, **kwargs)
 
-    monkeypatch.setattr(calls, "_hold", slow_hold)
+    monkeypatch.setattr(calls, "_hold_start", slow_hold)
     before = live.balance_nano()
     with pytest.raises(httpx.ReadTimeout):
         live.stream(streamed(), timeout=0.3)
