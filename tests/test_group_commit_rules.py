@@ -96,6 +96,37 @@ def test_a_caller_that_leaves_does_not_stop_its_row_nor_the_others():
     assert statements.groups == [[0, 1, 2, 3]]  # the row was applied all the same
 
 
+def test_a_caller_cancelled_while_its_row_is_in_flight_can_still_read_its_result():
+    """A row's future is not cancelled with the task that awaits it: the task's
+    CancelledError comes once the result is in, and the result (a hold to give back) is
+    there to read."""
+    statements = Statements()
+    group = GroupCommit("test", one=statements.one, many=statements.many)
+
+    async def leave_while_in_flight() -> tuple[bool, int, bool]:
+        landing = group.enqueue(21)
+        seen: list[int] = []
+
+        async def caller() -> None:
+            try:
+                await landing
+            except asyncio.CancelledError:
+                seen.append(landing.result())
+                raise
+
+        waiting = asyncio.ensure_future(caller())
+        await asyncio.sleep(0)  # the caller waits; the row's statement is in flight
+        waiting.cancel()
+        await asyncio.sleep(0)
+        still_waiting = not waiting.done()  # until the statement answers
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return still_waiting, seen[0], landing.cancelled()
+
+    assert asyncio.run(leave_while_in_flight()) == (True, 42, False)
+    assert statements.groups == [[21]]
+
+
 @pytest.mark.parametrize("flights", [1, 3])
 def test_no_more_statements_are_in_flight_than_allowed(flights):
     in_flight, most = 0, 0

@@ -2,7 +2,8 @@
 
 The rate limits and the hold are sent before the call waits for them, and a client that
 leaves cannot lose their answers; what they took is then given back as soon as they
-finish, not when the hold expires. These run on the real PostgreSQL and Redis, in an event loop of their own.
+finish, not when the hold expires. These run on the real PostgreSQL and Redis, in an
+event loop of their own.
 """
 
 from __future__ import annotations
@@ -24,10 +25,16 @@ from tests.usage.test_async_statements import _customer, run
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
 
+@pytest.mark.parametrize(
+    "budget_nano",
+    [None, 10**12],
+    ids=["held by the one statement", "held in a worker thread (a key with a budget)"],
+)
 def test_a_client_that_leaves_while_its_call_is_admitted_leaves_nothing_held(
-    funded_org, api_key, price
+    funded_org, api_key, price, budget_nano
 ):
     make_callable("gpt-4o")
+    ApiKey.objects.filter(pk=api_key.pk).update(budget_nano=budget_nano)
     grant = KeyGrant.of(ApiKey.objects.select_related("organization").get(pk=api_key.pk))
     request = validate_chat_request(
         {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
