@@ -113,13 +113,16 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def machine_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine since boot."""
+def machine_ticks() -> tuple[int, int, int]:
+    """(busy, stolen, total) CPU ticks of the whole machine since boot. *Stolen* is the
+    time the hypervisor gave this virtual machine's CPUs to others (steal): no process
+    here ran then, so it is not counted as busy."""
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
     idle = values[3] + values[4]  # idle + iowait
+    stolen = values[7]
     total = sum(values[:8])  # guest time is already counted in user
-    return total - idle, total
+    return total - idle - stolen, stolen, total
 
 
 @dataclass
@@ -132,6 +135,7 @@ class Snapshot:
     upstream_ticks: int
     postgres_ticks: int
     busy_ticks: int
+    stolen_ticks: int
     total_ticks: int
     real200_each: dict[int, int] = field(default_factory=dict)  # ticks of each process
 
@@ -146,7 +150,7 @@ class Meter:
 
     def snapshot(self) -> Snapshot:
         table = proc_table()
-        busy, total = machine_ticks()
+        busy, stolen, total = machine_ticks()
         real200_pids = tree(self.real200_pid, table)
         real200 = [table[p] for p in real200_pids]
         upstream = [table[p] for p in tree(self.upstream_pid, table)]
@@ -165,6 +169,7 @@ class Meter:
             upstream_ticks=sum(p.ticks for p in upstream),
             postgres_ticks=sum(p.ticks for p in backends),
             busy_ticks=busy,
+            stolen_ticks=stolen,
             total_ticks=total,
             real200_each={pid: table[pid].ticks for pid in real200_pids},
         )
@@ -418,6 +423,11 @@ class Outcome:
         return (self.after.busy_ticks - self.before.busy_ticks) / total if total else 0.0
 
     @property
+    def machine_stolen(self) -> float:
+        total = self.after.total_ticks - self.before.total_ticks
+        return (self.after.stolen_ticks - self.before.stolen_ticks) / total if total else 0.0
+
+    @property
     def other_cpu_s(self) -> float:
         """Busy CPU of the machine not spent by real200, the upstream, the load generator
         or the bench database's backends: other work on the machine (and Redis)."""
@@ -650,19 +660,23 @@ def report(bench: Bench, machine: list[str], checks: list[str], targets: list[st
         "## Where the machine's CPU went, per scenario",
         "",
         "Seconds of CPU during each scenario. *Other* is the machine's busy time minus ours: "
-        "Redis and anything else running on the machine. *real200 CPU by process*: each "
-        "worker's share (one worker is at most one core, because of the GIL).",
+        "Redis and anything else running on the machine. *Stolen*: the share of the "
+        "machine's CPU time that the hypervisor gave to other guests (steal), when nothing "
+        "here could run; every figure of a run with much of it is slower than the code. "
+        "*real200 CPU by process*: each worker's share (one worker is at most one core, "
+        "because of the GIL).",
         "",
         "| scenario | target | wall s | real200 | upstream | load generator | PostgreSQL "
-        "(bench db) | other | machine busy | sessions waiting on a lock | real200 CPU by "
-        "process |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "(bench db) | other | machine busy | stolen | sessions waiting on a lock | real200 "
+        "CPU by process |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for o in bench.outcomes:
         lines.append(
             f"| {o.name} | {o.target} | {o.wall:.1f} | {o.cpu_s('real200'):.2f} "
             f"| {o.cpu_s('upstream'):.2f} | {o.loadgen_cpu_s:.2f} | {o.cpu_s('postgres'):.2f} "
-            f"| {o.other_cpu_s:.2f} | {o.machine_busy:.0%} | {fmt(o.lock_waits)} "
+            f"| {o.other_cpu_s:.2f} | {o.machine_busy:.0%} | {o.machine_stolen:.0%} "
+            f"| {fmt(o.lock_waits)} "
             f"| {o.worker_split() if o.target == 'real200' else NONE} |"
         )
     lines += ["", "## After the load", "", *checks, ""]
