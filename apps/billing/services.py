@@ -363,26 +363,6 @@ def hold_place_for_call(
     return _hold_carefully(key=key, quote=quote, worst=worst)
 
 
-async def hold_place_for_call_async(
-    *,
-    organization_id: int,
-    key: KeyBudget | None,
-    request_id: str,
-    expires_at: datetime,
-    quote: CallQuote,
-) -> tuple[Hold, int]:
-    """`hold_place_for_call` for the organization's account, from async code: the one
-    statement runs on the event loop's own connection; anything else (the careful path,
-    another database) in a worker thread."""
-    return await hold_start_for_call(
-        organization_id=organization_id,
-        key=key,
-        request_id=request_id,
-        expires_at=expires_at,
-        quote=quote,
-    ).hold()
-
-
 def hold_start_for_call(
     *,
     organization_id: int,
@@ -391,10 +371,13 @@ def hold_start_for_call(
     expires_at: datetime,
     quote: CallQuote,
 ) -> PendingHold:
-    """`hold_place_for_call_async` in two parts: this one sends the call's row with the
-    next hold statement when it can (nearly always) and returns at once;
-    `PendingHold.hold` waits for it. A caller with other work to start meanwhile (the
-    call's rate limits) starts it with no task around either."""
+    """`hold_place_for_call` for the organization's account, from async code, in two
+    parts: this one sends the call's row with the next hold statement (on the event
+    loop's own connection) when it can, nearly always, and returns at once;
+    `PendingHold.hold` waits for the hold. Anything else (a new account, a key with a
+    budget, the careful path, another database) runs in a worker thread. A caller with
+    other work to start meanwhile (the call's rate limits) starts it with no task around
+    either."""
     account_id = _customer_account_ids.get(organization_id)
     if account_id is None:
         return PendingHold.in_steps(

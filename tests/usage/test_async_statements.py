@@ -24,7 +24,7 @@ from apps.billing.money import parse_usd
 from apps.billing.services import (
     CallNotAffordable,
     KeyBudget,
-    hold_place_for_call_async,
+    hold_start_for_call,
     revenue_account,
     system_accounts_forget,
 )
@@ -51,15 +51,15 @@ def run(step: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(then_close())
 
 
-def _hold(org, key: KeyBudget, price, request_id: str, max_tokens: int | None = 200):
+async def _hold(org, key: KeyBudget, price, request_id: str, max_tokens: int | None = 200):
     """Hold a call of 50 prompt tokens and up to `max_tokens` output tokens."""
-    return hold_place_for_call_async(
+    return await hold_start_for_call(
         organization_id=org.pk,
         key=key,
         request_id=request_id,
         expires_at=timezone.now() + timedelta(minutes=5),
         quote=quote_for_50_tokens(price, max_tokens),
-    )
+    ).hold()
 
 
 def _unbudgeted(api_key) -> KeyBudget:
