@@ -383,10 +383,10 @@ def hold_start_for_call(
         return PendingHold.in_steps(
             _hold_for_new_account(organization_id, key, request_id, expires_at, quote)
         )
-    return _hold_start(account_id, key, request_id, expires_at, quote)
+    return _hold_start_for_account(account_id, key, request_id, expires_at, quote)
 
 
-def _hold_start(
+def _hold_start_for_account(
     account_id: int, key: KeyBudget | None, request_id: str, expires_at: datetime, quote: CallQuote
 ) -> PendingHold:
     if _budgeted(key) or not fetch_one_available():
@@ -412,7 +412,7 @@ async def _hold_for_new_account(
     quote: CallQuote,
 ) -> tuple[Hold, int]:
     account_id = await db_step(account_id_for_organization, organization_id=organization_id)
-    return await _hold_start(account_id, key, request_id, expires_at, quote).hold()
+    return await _hold_start_for_account(account_id, key, request_id, expires_at, quote).hold()
 
 
 class PendingHold:
