@@ -96,7 +96,9 @@ async def fetch_all(sql: str, params: Mapping[str, Any]) -> list[tuple]:
             return await db_step(_fetch_in_thread, sql, params)
         async with pool.connection() as conn:
             cursor = await conn.execute(sql, params)
-            return await cursor.fetchall()
+            rows = await cursor.fetchall()
+            _answered_at[conn] = time.monotonic()
+            return rows
     except psycopg.Error as error:  # PoolTimeout included
         raise _as_django_error(error) from error
 
@@ -152,7 +154,6 @@ async def _loop_pool() -> AsyncConnectionPool:
             max_size=settings.DB_ASYNC_POOL_MAX,
             timeout=settings.DB_ASYNC_POOL_TIMEOUT,
             check=_check_if_idle,
-            reset=_note_returned,
             open=False,
             name="real200-async",
         )
@@ -161,18 +162,17 @@ async def _loop_pool() -> AsyncConnectionPool:
     return pool
 
 
-_returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection, float] = (
+# When each connection last answered a statement. Noted by `fetch_all` itself, not by a
+# `reset` callback of the pool: with one, the pool hands every returned connection to its
+# worker task (a queue and a turn of the loop per statement) before it can be used again.
+_answered_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection, float] = (
     weakref.WeakKeyDictionary()
 )
 
 
-async def _note_returned(conn: psycopg.AsyncConnection) -> None:
-    _returned_at[conn] = time.monotonic()
-
-
 async def _check_if_idle(conn: psycopg.AsyncConnection) -> None:
-    returned_at = _returned_at.get(conn)
-    if returned_at is None or time.monotonic() - returned_at > _CHECK_AFTER_IDLE_SECONDS:
+    answered_at = _answered_at.get(conn)
+    if answered_at is None or time.monotonic() - answered_at > _CHECK_AFTER_IDLE_SECONDS:
         await AsyncConnectionPool.check_connection(conn)
 
 
