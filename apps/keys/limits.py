@@ -118,6 +118,8 @@ return answer
 # A counter lives a little past its minute, so a late correction still finds it.
 _COUNTER_SECONDS = WINDOW_SECONDS + 5
 ALWAYS = -1  # the limit of a counter that counts past its limit
+# How long a run of the script may take before the call goes on without its counts.
+_REDIS_SECONDS = 1.0
 
 
 class _RedisCounters:
@@ -139,10 +141,14 @@ class _RedisCounters:
         if client is None:
             for stale in [old for old in self._clients if old.is_closed()]:
                 del self._clients[stale]
+            # No socket timeout (redis-py's default is 5 s): with one, redis-py sends
+            # every command through `asyncio.wait_for`, a task of its own on Python 3.11,
+            # so the command left one turn of the event loop late (a millisecond of each
+            # call's admission under load). `_run` bounds the whole command instead.
             client = self._clients[loop] = aioredis.Redis.from_url(
                 self._url,
-                socket_timeout=1,
-                socket_connect_timeout=1,
+                socket_timeout=None,
+                socket_connect_timeout=_REDIS_SECONDS,
                 max_connections=settings.REDIS_MAX_CONNECTIONS,
             )
             client.count = client.register_script(_COUNT_SCRIPT)
@@ -164,7 +170,8 @@ class _RedisCounters:
         args: list[int] = [_COUNTER_SECONDS]
         for _key, amount, limit in changes:
             args += [amount, limit]
-        flat = await self._client().count(keys=[key for key, _a, _l in changes], args=args)
+        async with asyncio.timeout(_REDIS_SECONDS):
+            flat = await self._client().count(keys=[key for key, _a, _l in changes], args=args)
         return [(int(flat[i]), bool(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def _run_many(

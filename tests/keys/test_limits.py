@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import socket
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 
 import httpx
@@ -17,7 +20,7 @@ from apps.billing.models import Hold, HoldStatus, Transfer
 from apps.billing.money import parse_usd
 from apps.billing.services import account_for_organization, credit_grant, key_spent_nano
 from apps.catalog.services import channel_add, price_set
-from apps.keys.limits import openai_duration
+from apps.keys.limits import ALWAYS, counters, counters_close, counters_forget, openai_duration
 from apps.keys.models import ApiKey, BudgetPeriod, hash_key
 from apps.keys.services import key_create, key_revoke
 from apps.tenancy.models import User
@@ -294,15 +297,45 @@ def test_a_revoked_key_fails_on_the_next_call_on_every_process(fake_upstream):
     assert "revoked" in after[0].json()["error"]["message"]
 
 
+@contextlib.contextmanager
+def _redis_address(failure: str) -> Iterator[str]:
+    """Where a Redis that fails this way would be: nothing listening (`down`), or a
+    listener that takes connections and never answers a command (`silent`)."""
+    if failure == "down":
+        yield f"redis://127.0.0.1:{free_port()}/0"
+        return
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as silent:  # never accepted
+        yield f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+
+
+async def test_a_redis_that_never_answers_holds_a_call_up_one_second_not_redis_pys_five(
+    settings,
+):
+    with _redis_address("silent") as redis_url:
+        settings.REDIS_URL = redis_url
+        counters_forget()
+        started = time.monotonic()
+        try:
+            with pytest.raises(TimeoutError):
+                await counters().add([("silent-test", 1, ALWAYS)])
+            waited = time.monotonic() - started
+            await counters_close()
+        finally:
+            counters_forget()
+    assert 0.9 < waited < 3  # the limiter's own bound (1 s), far from redis-py's 5 s
+
+
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_with_redis_down_the_api_still_answers_and_says_so_in_the_log(fake_upstream):
+@pytest.mark.parametrize("failure", ["down", "silent"])
+def test_with_redis_down_the_api_still_answers_and_says_so_in_the_log(fake_upstream, failure):
     _org, key = _setup_org(fake_upstream, rpm=5)
-    env = {
-        "DATABASE_URL": database_url_for_subprocess(),
-        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-    }
-    with real200_server(workers=1, env=env) as server:
+    with (
+        _redis_address(failure) as redis_url,
+        real200_server(
+            workers=1, env={"DATABASE_URL": database_url_for_subprocess(), "REDIS_URL": redis_url}
+        ) as server,
+    ):
         answer = httpx.post(
             f"{server.url}/v1/chat/completions",
             json=BODY,
