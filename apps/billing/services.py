@@ -424,48 +424,48 @@ class PendingHold:
     caller's cancellation does not cancel: the hold they place is not lost either."""
 
     def __init__(self) -> None:
-        self.key: KeyBudget | None = None
-        self.quote: CallQuote | None = None
-        self.worst: _WorstCase | None = None
-        self.asked_at: datetime | None = None
-        self.covered: asyncio.Future[int | None] | None = None  # the one statement's answer
-        self.steps: asyncio.Future[tuple[Hold, int]] | None = None
+        self._key: KeyBudget | None = None
+        self._quote: CallQuote | None = None
+        self._worst: _WorstCase | None = None
+        self._asked_at: datetime | None = None
+        self._covered: asyncio.Future[int | None] | None = None  # the one statement's answer
+        self._steps: asyncio.Future[tuple[Hold, int]] | None = None
 
     @classmethod
     def if_covered(cls, worst: _WorstCase, key: KeyBudget | None, quote: CallQuote) -> PendingHold:
         """Hold the whole worst case by the one statement; if the balance does not
         cover it, `hold` goes the careful way."""
         pending = cls()
-        pending.key, pending.quote = key, quote
-        pending.worst, pending.asked_at = worst, timezone.now()
-        pending.covered = _hold_statements.enqueue(worst.params(pending.asked_at))
+        pending._key, pending._quote = key, quote
+        pending._worst, pending._asked_at = worst, timezone.now()
+        pending._covered = _hold_statements.enqueue(worst.params(pending._asked_at))
         return pending
 
     @classmethod
     def in_steps(cls, steps: Coroutine[Any, Any, tuple[Hold, int]]) -> PendingHold:
         pending = cls()
-        pending.steps = asyncio.ensure_future(steps)
+        pending._steps = asyncio.ensure_future(steps)
         return pending
 
     async def hold(self) -> tuple[Hold, int]:
-        if self.steps is None:
-            hold_id = await self.covered
+        if self._steps is None:
+            hold_id = await self._covered
             if hold_id is not None:
-                return self.worst.placed(hold_id, self.asked_at), self.worst.tokens
-            self.steps = asyncio.ensure_future(
-                db_step(_hold_carefully, key=self.key, quote=self.quote, worst=self.worst)
+                return self._worst.placed(hold_id, self._asked_at), self._worst.tokens
+            self._steps = asyncio.ensure_future(
+                db_step(_hold_carefully, key=self._key, quote=self._quote, worst=self._worst)
             )
-        return await asyncio.shield(self.steps)
+        return await asyncio.shield(self._steps)
 
     async def taken(self) -> Hold | None:
-        for step in (self.covered, self.steps):
+        for step in (self._covered, self._steps):
             if step is not None:
                 await asyncio.wait([step])
-        if self.steps is not None:
-            return None if self.steps.exception() else self.steps.result()[0]
-        if self.covered.exception() or self.covered.result() is None:
+        if self._steps is not None:
+            return None if self._steps.exception() else self._steps.result()[0]
+        if self._covered.exception() or self._covered.result() is None:
             return None
-        return self.worst.placed(self.covered.result(), self.asked_at)
+        return self._worst.placed(self._covered.result(), self._asked_at)
 
 
 def _budgeted(key: KeyBudget | None) -> bool:

@@ -310,10 +310,14 @@ async def _admit_and_hold(
     before any hold instead, so that a client that keeps sending past its limits gets its
     429s without a hold written and released for each.
     """
-    placing = None if refused_lately(grant) else _hold_start(grant, call_id, quote)
-    admitting = call_admit_start(grant, quote.worst_case_tokens)
+    placing: PendingHold | None = None
     admission: Admission | None = None
     try:
+        # Both started inside the `try`: if the second start failed, the first's hold
+        # would still be given back. Nothing awaits before `admitting` is set.
+        if not refused_lately(grant):
+            placing = _hold_start(grant, call_id, quote)
+        admitting = call_admit_start(grant, quote.worst_case_tokens)
         admission = await admitting.admission()
         if placing is None:
             placing = _hold_start(grant, call_id, quote)

@@ -125,3 +125,35 @@ def test_a_refused_call_whose_hold_cannot_be_released_is_still_answered_429(
     assert hold.status == HoldStatus.OPEN  # left to expire
     assert _customer(funded_org).held_nano == hold.amount_nano
     assert "its hold could not be released; it expires at" in caplog.text
+
+
+def test_a_call_whose_rate_limits_cannot_be_asked_gives_its_hold_back(
+    funded_org, api_key, price, monkeypatch
+):
+    """The hold is sent before the rate limits; if asking for those fails outright (a bug,
+    not Redis being down, which fails open), the call fails and its hold is released at
+    once, not left to expire."""
+    make_callable("gpt-4o")
+    grant = KeyGrant.of(ApiKey.objects.select_related("organization").get(pk=api_key.pk))
+    request = validate_chat_request(
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+    )
+    balance = _customer(funded_org).balance_nano
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the limiter could not be asked")
+
+    monkeypatch.setattr(calls, "call_admit_start", broken)
+
+    async def open_it() -> None:
+        await calls.open_call(
+            call_id="chatcmpl-unasked", grant=grant, request=request, started=time.monotonic()
+        )
+
+    with pytest.raises(RuntimeError):
+        run(open_it())
+
+    hold = Hold.objects.get(request_id="chatcmpl-unasked")  # it was placed, then released
+    assert hold.status == HoldStatus.RELEASED
+    customer = _customer(funded_org)
+    assert (customer.balance_nano, customer.held_nano) == (balance, 0)
