@@ -76,6 +76,7 @@ class ApiHandler(ASGIHandler):
 
         listening = asyncio.create_task(self.listen_for_disconnect(receive))
         listening.add_done_callback(cancel_the_response)
+        response = None
         try:
             response = await self.run_get_response(request)
             await self.send_response(response, send)
@@ -88,6 +89,11 @@ class ApiHandler(ASGIHandler):
             listening.cancel()
             with contextlib.suppress(RequestAborted, asyncio.CancelledError):
                 await listening
+            if response is not None and response.streaming:
+                # send_response closes the body it iterated; this closes one it never
+                # reached (cancelled while writing the headers), so that its cleanup runs:
+                # a stream's relay settles its call there. Closing a closed one is a no-op.
+                await aiter(response).aclose()
 
     def load_middleware(self, is_async: bool = False) -> None:
         # BaseHandler builds its chain from settings.MIDDLEWARE; build this one from the

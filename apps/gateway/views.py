@@ -235,9 +235,12 @@ class EventStream(StreamingHttpResponse):
 
 async def _stream(call: calls.Call) -> HttpResponse:
     first, events = await _open_stream(call)
-    response = EventStream(
-        _relay(call, first, events), content_type="text/event-stream; charset=utf-8"
-    )
+    relay = _relay(call, first, events)
+    # Step the relay into its `try` now: from here on, closing it settles the call, even
+    # if its body is never iterated (the client left while the headers waited to go out,
+    # and the ASGI handler closes the body it did not send).
+    await anext(relay)
+    response = EventStream(relay, content_type="text/event-stream; charset=utf-8")
     # Proxies must pass each chunk on as it comes; compression would merge or break them.
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
@@ -257,7 +260,8 @@ async def _relay(
     deadline = call.started + settings.GATEWAY_MAX_CALL_SECONDS
     upstream_done = False
     try:
-        chunk = writer.event(first)
+        chunk = writer.event(first)  # counted now: real200 has it, whether or not it is sent
+        yield b""  # taken by `_stream`, never sent
         if chunk:
             yield chunk
         async for event in events:
@@ -277,7 +281,9 @@ async def _relay(
         yield writer.usage_chunk() + calls.DONE if call.request.include_usage else calls.DONE
     except UpstreamFailed as error:
         yield sse_error_event(calls.upstream_failure(call, error))
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, GeneratorExit):
+        # Cancelled at an await of ours, or closed at a `yield` by the handler cancelled in
+        # its write to the client: either way the client went away before the end.
         if not upstream_done:
             call.end_reason = EndReason.CLIENT_GONE
         raise

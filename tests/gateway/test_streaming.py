@@ -3,8 +3,10 @@ delivery, usage, and what is billed when the client or the upstream gives up hal
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from dataclasses import replace
 
 import httpx
 import orjson
@@ -490,4 +492,78 @@ def test_a_server_that_stops_settles_its_ended_streams_first(live):
         assert time.monotonic() - stopping >= 0.4
     (record,) = live.records()
     assert record.end_reason == EndReason.DONE
+    assert live.held_nano() == 0
+
+
+class WritesThatWait:
+    """real200's ASGI application behind a server whose writes to the client wait, as
+    uvicorn's do when a client stops reading and the socket's buffers are full (its flow
+    control): `before_headers` seconds before the response's headers go out, or
+    `before_second_part` seconds before the second part of its body."""
+
+    def __init__(self, application, *, before_headers: float = 0, before_second_part: float = 0):
+        self.application = application
+        self.before_headers = before_headers
+        self.before_second_part = before_second_part
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.application(scope, receive, send)
+        parts = 0
+
+        async def waiting_send(message) -> None:
+            nonlocal parts
+            if message["type"] == "http.response.start":
+                await asyncio.sleep(self.before_headers)
+            elif message.get("body"):
+                parts += 1
+                if parts == 2:
+                    await asyncio.sleep(self.before_second_part)
+            await send(message)
+
+        await self.application(scope, receive, waiting_send)
+
+
+def test_a_client_that_leaves_while_its_headers_wait_to_be_written_is_billed(live):
+    """The stream is open upstream (the hold placed, the first chunk in) when the client
+    leaves while the response's headers are still waiting to be written: the body was never
+    iterated, and it must still close the upstream and settle the call."""
+    from config.asgi import application
+
+    assert live.post(streamed(stream=False)).status_code == 200  # warm: vocabulary, route
+    live.upstream.configure(tokens=400, pace=0.02)
+    before = live.balance_nano()
+    with asgi_in_thread(WritesThatWait(application, before_headers=3.0)) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            replace(live, url=url).stream(streamed(max_tokens=1000), timeout=0.5)
+        _warm_up, call = live.upstream.wait_for_calls(2)
+        assert call.wait_disconnected(seconds=1), "real200 kept reading from the upstream"
+        _warm_up, record = live.wait_settled(2)
+    assert record.end_reason == EndReason.CLIENT_GONE
+    assert record.prompt_tokens == count_prompt_tokens(MESSAGES, "gpt-4o")
+    assert record.completion_tokens == 0  # real200 had read only the first chunk: the role
+    assert record.charged_nano > 0
+    assert live.balance_nano() == before - cost_of(record)
+    assert live.held_nano() == 0
+
+
+def test_a_client_that_leaves_while_a_write_waits_is_billed_as_gone(live):
+    """The client leaves while the server waits to write a part of the body (the response
+    task is cancelled in the server's send, outside the relay): the call is still one whose
+    client went away, billed for what the upstream produced, not a completed answer."""
+    from config.asgi import application
+
+    assert live.post(streamed(stream=False)).status_code == 200  # warm: vocabulary, route
+    live.upstream.configure(tokens=400, pace=0.02)
+    before = live.balance_nano()
+    with asgi_in_thread(WritesThatWait(application, before_second_part=3.0)) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            replace(live, url=url).stream(streamed(max_tokens=1000), timeout=0.5)
+        _warm_up, call = live.upstream.wait_for_calls(2)
+        assert call.wait_disconnected(seconds=1), "real200 kept reading from the upstream"
+        _warm_up, record = live.wait_settled(2)
+    assert record.end_reason == EndReason.CLIENT_GONE
+    assert record.usage_source == UsageSource.ESTIMATED
+    assert 0 < record.completion_tokens <= tokens(call.tokens_sent)
+    assert live.balance_nano() == before - cost_of(record)
     assert live.held_nano() == 0
