@@ -614,7 +614,23 @@ def verdict(ok: bool | None) -> str:
     return NONE if ok is None else ("**met**" if ok else "**missed**")
 
 
-def machine_info(setup: Setup, load_before: str) -> list[str]:
+def python_loop_ms() -> float:
+    """The best of three timings of a fixed pure-Python loop (ten million additions), in ms.
+
+    A yardstick of this hour's machine: the same 2-core kind has run it two to three times
+    slower on some hours than on others (a busy host, with no steal reported), and every
+    figure of a run moves with it. Runs are comparable only at similar yardsticks."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        total = 0
+        for i in range(10_000_000):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return best * 1000
+
+
+def machine_info(setup: Setup, load_before: str, loop_ms: tuple[float, float]) -> list[str]:
     cpu_model = "unknown"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -639,6 +655,8 @@ def machine_info(setup: Setup, load_before: str) -> list[str]:
         f"{platform.system()} {platform.release()}",
         f"- Python {platform.python_version()}, PostgreSQL {pg_version}, Redis {redis_version}",
         f"- load average before the run: {load_before}",
+        f"- machine speed: a fixed pure-Python loop (10 M additions) took {loop_ms[0]:,.0f} ms "
+        f"before the run and {loop_ms[1]:,.0f} ms after it (best of three)",
         f"- real200: platform/serve, WEB_CONCURRENCY={setup.args.workers}, HTTPS=0, "
         f"PostgreSQL database {setup.args.database}, Redis {setup.args.redis_url}; "
         f"load from {setup.args.orgs} organization(s), one key each",
@@ -988,6 +1006,8 @@ def main() -> int:
     with open("/proc/loadavg") as f:
         load_before = " ".join(f.read().split()[:3])
     log(f"load average before the run: {load_before} on {os.cpu_count()} CPUs")
+    loop_before = python_loop_ms()
+    log(f"machine speed: a fixed pure-Python loop took {loop_before:,.0f} ms")
     procs = Processes()
     setup = Setup(args=args, procs=procs)
     try:
@@ -1003,7 +1023,8 @@ def main() -> int:
             time.sleep(args.keep_running)
         checks, checks_ok = after_checks(setup, bench)
         targets, verdicts = targets_and_verdicts(bench)
-        text = report(bench, machine_info(setup, load_before), checks, targets)
+        loop_ms = (loop_before, python_loop_ms())
+        text = report(bench, machine_info(setup, load_before, loop_ms), checks, targets)
     finally:
         procs.stop_all()
     print(text)

@@ -107,6 +107,8 @@ _route_loads = SingleFlight()
 
 
 async def route_for_model(name: str) -> Route | None:
+    if "\x00" in name:
+        return None  # no model is named so: PostgreSQL's text cannot even hold the name
     memo = _routes.get(name)
     if memo is not None and memo[0] > time.monotonic():
         return memo[1]

@@ -243,9 +243,10 @@ def test_a_key_may_not_be_used_from_an_address_outside_its_list(live):
 # --- Models, sizes, methods ---------------------------------------------------------------
 
 
-def test_an_unknown_model_is_a_404_model_not_found(live):
+@pytest.mark.parametrize("model", ["gpt-9", "gpt-4o\x00"], ids=["unknown", "with-nul"])
+def test_an_unknown_model_is_a_404_model_not_found(live, model):
     unchanged = NothingHappened(live)
-    response = live.post({**BASE, "model": "gpt-9"})
+    response = live.post({**BASE, "model": model})
     assert_error(response, 404, "invalid_request_error", code="model_not_found", param="model")
     with pytest.raises(openai.NotFoundError):
         live.sdk.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
