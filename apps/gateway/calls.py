@@ -560,6 +560,14 @@ def completion_body(call: Call, completion: Completion) -> dict[str, Any]:
     return body
 
 
+def note_produced(call: Call, event: StreamEvent) -> None:
+    """What a stream's event tells the bill: text the upstream produced, or its usage."""
+    if isinstance(event, UsageEvent):
+        call.usage = event.usage
+    elif event.text:
+        call.generated.append(event.text)
+
+
 class StreamWriter:
     """Turns adapter events into the customer's SSE bytes, and records what was sent."""
 
@@ -575,13 +583,11 @@ class StreamWriter:
         )
 
     def event(self, event: StreamEvent) -> bytes | None:
+        note_produced(self.call, event)
         if isinstance(event, UsageEvent):
-            self.call.usage = event.usage
             return None
         if self.call.first_token_at is None:
             self.call.first_token_at = time.monotonic()
-        if event.text:
-            self.call.generated.append(event.text)
         for index, choice in enumerate(event.choices):
             choice.setdefault("index", index)
             choice.setdefault("finish_reason", None)
@@ -713,9 +719,38 @@ def settle_after_stream(call: Call, events: AsyncIterator[StreamEvent]) -> None:
 
 async def _close_and_settle(call: Call, events: AsyncIterator[StreamEvent]) -> None:
     try:
-        await events.aclose()
+        if call.end_reason in (EndReason.CLIENT_GONE, EndReason.TIMEOUT):
+            await _take_what_arrived(call, events)
     finally:
-        await settle(call)
+        try:
+            await events.aclose()
+        finally:
+            await settle(call)
+
+
+async def _take_what_arrived(call: Call, events: AsyncIterator[StreamEvent]) -> None:
+    """Note the events of a stream cut short that had reached real200 but not its client.
+
+    A relay reads the upstream no faster than its client reads it: while a write to a
+    client that stopped reading waits, what the upstream goes on producing collects in
+    real200's buffers. The upstream produced it and bills it, so it is billed too. Each
+    event is taken only if it is there already: a step that would wait for the network is
+    cancelled, which closes the upstream's stream (at once, as for any client that left).
+    A stream whose relay was cancelled while it waited for the upstream is closed
+    already, with nothing waiting: then there is nothing to take.
+    """
+    for _ in range(call.max_tokens * call.request.n + 64):  # a bound, should it flood
+        # A task's first step runs in the next turn of the loop, before this one resumes:
+        # an event that is there is taken in it; one that is not leaves it waiting.
+        step = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0)
+        if not step.done():
+            step.cancel()
+            await asyncio.wait([step])
+            return
+        if step.cancelled() or step.exception() is not None:
+            return  # the stream's end, or its failure: nothing more arrived
+        note_produced(call, step.result())
 
 
 def settle_when_answered(call: Call, answering: asyncio.Future[Completion]) -> None:
