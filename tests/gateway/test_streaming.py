@@ -576,3 +576,21 @@ def test_a_client_that_leaves_while_a_write_waits_is_billed_as_gone(live, reques
     assert produced_tokens[0] <= record.completion_tokens <= produced_tokens[1]
     assert live.balance_nano() == before - cost_of(record)
     assert live.held_nano() == 0
+
+
+def test_a_client_slower_than_the_chunk_timeout_does_not_fail_a_live_upstream(live):
+    """The between-chunks timeout is the upstream's silence. A relay waiting to write to a
+    client that reads slowly reads nothing meanwhile, and that is not the upstream's
+    silence: the answer arrives whole, billed as done."""
+    from config.asgi import application
+
+    assert live.post(streamed(stream=False)).status_code == 200  # warm: vocabulary, route
+    live.set_timeouts(0.3)
+    live.upstream.configure(tokens=20, pace=0.01)
+    with asgi_in_thread(WritesThatWait(application, before_second_part=1.0)) as url:
+        response, events = replace(live, url=url).stream(streamed())
+        _warm_up, record = live.wait_settled(2)
+    assert response.status_code == 200
+    assert events[-1] == "[DONE]"
+    assert text_of(chunks_of(events)) == text_for(20)
+    assert record.end_reason == EndReason.DONE

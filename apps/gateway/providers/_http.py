@@ -119,8 +119,12 @@ async def sse_data(response: aiohttp.ClientResponse, chunk_timeout: float) -> As
     events = SseEvents()
     watch = _IdleWatch(response, chunk_timeout)
     try:
-        async for chunk in response.content.iter_any():
-            watch.last_read = watch.loop.time()
+        while True:
+            watch.waiting_since = watch.loop.time()
+            chunk = await response.content.readany()
+            watch.waiting_since = None
+            if not chunk:
+                break
             for data in events.feed(chunk):
                 yield data
     finally:
@@ -134,9 +138,10 @@ class _IdleWatch:
     """The between-chunks timeout of a stream, in place of aiohttp's read timeout.
 
     aiohttp re-arms a timer on every read of the socket (a cancel and a heap push, 3 % of
-    the CPU of relaying a chunk). This one only notes the time of each read, and wakes up
-    once per timeout to look: at `last_read + timeout`, a stream that read nothing since
-    fails its pending read.
+    the CPU of relaying a chunk). This one only notes when each read starts to wait, and
+    wakes up once per timeout to look: a read that has waited the whole timeout fails.
+    Only the wait of a read counts: a relay that waits to write to a slow client reads
+    nothing meanwhile, and that is not the upstream falling silent.
     """
 
     def __init__(self, response: aiohttp.ClientResponse, timeout: float) -> None:
@@ -144,14 +149,16 @@ class _IdleWatch:
             response.connection.protocol.read_timeout = None
             response.connection.protocol.start_timeout()  # cancels aiohttp's own timer
         self.loop = asyncio.get_running_loop()
-        self.last_read = self.loop.time()
+        self.waiting_since: float | None = None  # when the pending read began, if any
         self._content = response.content
         self._timeout = timeout
-        self._timer = self.loop.call_at(self.last_read + timeout, self._look)
+        self._timer = self.loop.call_at(self.loop.time() + timeout, self._look)
 
     def _look(self) -> None:
-        due = self.last_read + self._timeout
-        if self.loop.time() < due:
+        now = self.loop.time()
+        if self.waiting_since is None:  # no read pending: look again a timeout from now
+            self._timer = self.loop.call_at(now + self._timeout, self._look)
+        elif now < (due := self.waiting_since + self._timeout):
             self._timer = self.loop.call_at(due, self._look)
         else:
             idle = aiohttp.SocketTimeoutError(f"no data for {self._timeout:g} s")
