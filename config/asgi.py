@@ -9,6 +9,7 @@ chain is settings.API_MIDDLEWARE; both share the URLconf, the settings and the p
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 
 from django.core.asgi import get_asgi_application
@@ -22,6 +23,14 @@ from django.core.exceptions import RequestAborted  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E402
 from django.http import HttpRequest  # noqa: E402
 from django.urls import set_script_prefix  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+# A stream still open this long after the longest time a call may take is ended by the
+# handler. The relay ends a call past its time at the next upstream event; one waiting to
+# write to a client that stopped reading sees no event, and its hold must not outlive it.
+OVERDUE_GRACE_SECONDS = 5.0
 
 
 class ApiHandler(ASGIHandler):
@@ -64,9 +73,15 @@ class ApiHandler(ASGIHandler):
 
         The view runs in this task, with only the listener for a disconnect in a task of
         its own: a task for the view too (Django's way) cost a turn of the event loop
-        before it started, which under load is milliseconds of every call's latency."""
+        before it started, which under load is milliseconds of every call's latency.
+
+        A streamed response still being sent `OVERDUE_GRACE_SECONDS` after the longest
+        time a call may take is cancelled the same way: its relay sees that it ran past
+        its time, and settles it so."""
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
         responding = asyncio.current_task()
-        client_left = False
+        client_left = ran_over = False
 
         def cancel_the_response(listening: asyncio.Task) -> None:
             nonlocal client_left
@@ -74,17 +89,28 @@ class ApiHandler(ASGIHandler):
                 client_left = True
                 responding.cancel()
 
+        def end_the_overdue_stream() -> None:
+            nonlocal ran_over
+            ran_over = True
+            logger.warning("a stream still open past the longest call time was ended")
+            responding.cancel()
+
         listening = asyncio.create_task(self.listen_for_disconnect(receive))
         listening.add_done_callback(cancel_the_response)
-        response = None
+        response = overdue = None
         try:
             response = await self.run_get_response(request)
+            if response.streaming:
+                ends_at = arrived + settings.GATEWAY_MAX_CALL_SECONDS + OVERDUE_GRACE_SECONDS
+                overdue = loop.call_at(ends_at, end_the_overdue_stream)
             await self.send_response(response, send)
         except asyncio.CancelledError:
-            if not client_left:
-                raise  # the server is stopping, not the client leaving
+            if not (client_left or ran_over):
+                raise  # the server is stopping
             responding.uncancel()
         finally:
+            if overdue is not None:
+                overdue.cancel()
             listening.remove_done_callback(cancel_the_response)
             listening.cancel()
             with contextlib.suppress(RequestAborted, asyncio.CancelledError):

@@ -283,9 +283,11 @@ async def _relay(
         yield sse_error_event(calls.upstream_failure(call, error))
     except (asyncio.CancelledError, GeneratorExit):
         # Cancelled at an await of ours, or closed at a `yield` by the handler cancelled in
-        # its write to the client: either way the client went away before the end.
+        # its write to the client: the client went away before the end, or the handler
+        # ended a stream past its time (its client had stopped reading).
         if not upstream_done:
-            call.end_reason = EndReason.CLIENT_GONE
+            overdue = time.monotonic() > deadline
+            call.end_reason = EndReason.TIMEOUT if overdue else EndReason.CLIENT_GONE
         raise
     finally:
         calls.settle_after_stream(call, events)

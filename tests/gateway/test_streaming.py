@@ -594,3 +594,35 @@ def test_a_client_slower_than_the_chunk_timeout_does_not_fail_a_live_upstream(li
     assert events[-1] == "[DONE]"
     assert text_of(chunks_of(events)) == text_for(20)
     assert record.end_reason == EndReason.DONE
+
+
+def test_a_stream_whose_client_stopped_reading_still_ends_at_the_longest_call_time(
+    live, settings, monkeypatch
+):
+    """A client that stops reading but keeps its connection holds the relay in a write,
+    where it sees no upstream event and so not the call's deadline either. Left alone, the
+    call's hold would expire unbilled, and the client could read the answer afterwards for
+    free. The handler ends such a stream soon after the call's time: settled as a timeout,
+    billed for what the upstream produced."""
+    import config.asgi
+    from config.asgi import application
+
+    monkeypatch.setattr(config.asgi, "OVERDUE_GRACE_SECONDS", 0.2)
+    assert live.post(streamed(stream=False)).status_code == 200  # warm: vocabulary, route
+    settings.GATEWAY_MAX_CALL_SECONDS = 0.5
+    live.upstream.configure(tokens=400, pace=0.01)
+    before = live.balance_nano()
+    with asgi_in_thread(WritesThatWait(application, before_second_part=30.0)) as url:
+        started = time.monotonic()
+        with pytest.raises(httpx.RemoteProtocolError):  # the body cut short
+            replace(live, url=url).stream(streamed(max_tokens=1000), timeout=10)
+        assert time.monotonic() - started < 3
+        _warm_up, call = live.upstream.wait_for_calls(2)
+        assert call.wait_disconnected(seconds=1), "real200 kept reading from the upstream"
+        _warm_up, record = live.wait_settled(2)
+    assert record.end_reason == EndReason.TIMEOUT
+    produced = call.tokens_at_disconnect
+    assert 10 < produced < 400
+    assert tokens(produced - 2) <= record.completion_tokens <= tokens(produced)
+    assert live.balance_nano() == before - cost_of(record)
+    assert live.held_nano() == 0
