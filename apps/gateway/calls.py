@@ -127,6 +127,11 @@ class Call:
     billed: Usage | None = None  # what billed_usage decided, once the answer was complete
 
     @property
+    def deadline(self) -> float:
+        """When the call has run the longest a call may (time.monotonic())."""
+        return self.started + settings.GATEWAY_MAX_CALL_SECONDS
+
+    @property
     def usage_is_final(self) -> bool:
         """The upstream's usage counts the whole answer: the stream ran to its end, or the
         whole non-streamed answer came back (to a client that may have left meanwhile)."""
@@ -444,9 +449,18 @@ async def complete(call: Call) -> Completion:
             break  # nobody is waiting for an answer: no new upstream call
         call.channel = channel
         try:
-            completion = await get_provider(channel.kind).complete(
-                call.chat, call.upstream(channel), upstream_client()
-            )
+            # An upstream that keeps its connection alive (servers that send whitespace
+            # while a long answer is made) would otherwise outlive the call's hold.
+            async with asyncio.timeout(call.deadline - time.monotonic()):
+                completion = await get_provider(channel.kind).complete(
+                    call.chat, call.upstream(channel), upstream_client()
+                )
+        except TimeoutError:
+            metrics.UPSTREAM_ERRORS.labels(channel=channel.name, kind="failed").inc()
+            call.accepted = True  # it may have been processed: nothing more is tried
+            call.end_reason = EndReason.TIMEOUT
+            call.status_code = 504
+            raise UpstreamTimeout("The call ran past the longest time a call may take.") from None
         except UpstreamUnavailable as error:
             _note_unavailable(call, channel, error)
             errors.append(error)

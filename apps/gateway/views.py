@@ -257,7 +257,7 @@ async def _relay(
     call is billed exactly once, and the upstream connection is closed at once.
     """
     writer = calls.StreamWriter(call)
-    deadline = call.started + settings.GATEWAY_MAX_CALL_SECONDS
+    deadline = call.deadline
     upstream_done = False
     try:
         chunk = writer.event(first)  # counted now: real200 has it, whether or not it is sent

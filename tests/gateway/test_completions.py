@@ -307,6 +307,34 @@ def test_a_client_that_gives_up_on_a_whole_answer_pays_for_the_answer_made_for_i
     assert live.held_nano() == 0
 
 
+def test_a_whole_answer_past_the_longest_call_time_is_a_504_that_costs_nothing(
+    live, backup, settings
+):
+    """A non-streamed call has the same longest time as a stream: an upstream that takes
+    longer (or keeps its connection alive with whitespace while it thinks) would otherwise
+    outlive the call's hold, and its answer go unbilled. Nothing was delivered, so nothing
+    is billed, and no other channel is tried: the first may still bill us."""
+    from apps.gateway.errors import UpstreamTimeout
+
+    count_prompt_tokens(MESSAGES, "gpt-4o")
+    settings.GATEWAY_MAX_CALL_SECONDS = 0.5
+    live.upstream.configure(tokens=40, pace=0.05)  # the answer in 2 s
+    before = live.balance_nano()
+    response = live.post({"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 100})
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == UpstreamTimeout.code
+    assert "longest time a call may take" in response.json()["error"]["message"]
+    (call,) = live.upstream.calls
+    assert call.wait_disconnected(seconds=1), "real200 kept waiting for the upstream"
+    assert backup.calls == []
+    (record,) = live.wait_settled()
+    assert record.end_reason == EndReason.TIMEOUT
+    assert record.status_code == 504
+    assert record.charged_nano == 0
+    assert live.balance_nano() == before
+    assert live.held_nano() == 0
+
+
 def test_a_client_that_gave_up_is_not_retried_on_another_channel(live, backup):
     count_prompt_tokens(MESSAGES, "gpt-4o")
     live.upstream.configure(header_delay=0.6, fail_status=503)
