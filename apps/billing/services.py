@@ -671,6 +671,18 @@ def _hold_close(*, hold: Hold, status: HoldStatus) -> bool:
     return True
 
 
+def _released_hold_settle(hold: Hold) -> bool:
+    """Claim a released hold for a settlement that came late; False if it is not released
+    (settled before). Its amount left the account's held sum when it was released."""
+    claimed = Hold.objects.filter(pk=hold.pk, status=HoldStatus.RELEASED).update(
+        status=HoldStatus.SETTLED, closed_at=timezone.now()
+    )
+    if claimed:
+        logger.warning("call %s: settled after its hold had been released", hold.request_id)
+        hold.status = HoldStatus.SETTLED
+    return bool(claimed)
+
+
 def hold_release(*, hold: Hold) -> bool:
     """Free a hold without charging anything. Idempotent: False if it was already closed."""
     with transaction.atomic():
@@ -683,13 +695,19 @@ def hold_settle(
     """Close a hold and charge the metered cost, in the caller's transaction.
 
     Returns (settled, transfer, charged_nano). `settled` is False if the hold was already
-    closed: a retried settlement changes nothing. The charge never takes the customer
-    below zero: if the metered cost exceeds the hold and the rest of the balance (an
-    upstream that counted more prompt tokens than our estimate), the part that cannot be
-    collected is not charged, and the caller records it.
+    settled: a retried settlement changes nothing. A hold released meanwhile (given up for
+    dead by `holds_release_stale`: its call's settlement waited out a database outage
+    longer than the hold's life) is settled all the same, its amount having gone back to
+    the balance then: the call was metered, and the upstream bills it. The charge never
+    takes the customer below zero: if the metered cost exceeds what the balance has (an
+    upstream that counted more prompt tokens than our estimate, or a released hold's
+    money spent since), the part that cannot be collected is not charged, and the caller
+    records it.
     """
     with transaction.atomic(savepoint=False):
-        if not _hold_close(hold=hold, status=HoldStatus.SETTLED):
+        if not (
+            _hold_close(hold=hold, status=HoldStatus.SETTLED) or _released_hold_settle(hold)
+        ):
             return False, None, 0
         if cost_nano <= 0:
             return True, None, 0

@@ -69,16 +69,19 @@ def call_settle(*, hold: Hold, outcome: CallOutcome, rates: Rates) -> UsageRecor
     The hold is claimed by a conditional update (see `hold_settle`): a second settlement
     of the same call finds it closed and returns the first record, changing nothing; the
     unique `request_id` and one-to-one transfer make a double charge impossible even
-    past that. Returns None if the hold had been released instead (the call was given up
-    for dead): nothing is charged then.
+    past that. A call whose hold was released before its settlement came (given up for
+    dead during a long database outage) is charged all the same (see `hold_settle`).
     """
     cost = _call_cost(outcome, rates)
+    record = None
     if cost <= hold.amount_nano and connection.vendor == "postgresql":
         record = _settle_in_one_statement(hold=hold, outcome=outcome, cost_nano=cost)
-    else:
+        if record is None and (earlier := _record_of(outcome)) is not None:
+            return earlier  # settled before: a retry
+    if record is None:  # the careful path: any cost, any database, a hold released meanwhile
         record = _settle_in_transaction(hold=hold, outcome=outcome, cost_nano=cost)
-    if record is None:  # settled before (a retry), or released
-        return _record_of(outcome)
+        if record is None:  # settled before: a retry
+            return _record_of(outcome)
     if _key_use_due(outcome.api_key_id):
         _key_use_write(outcome.api_key_id)
     return record
@@ -101,7 +104,7 @@ async def call_settle_async(
     now = timezone.now()
     row = await _settle_statements.submit(_settle_params(hold, outcome, fields, now, revenue_id))
     if row is None:  # settled before (a retry), or released
-        return await db_step(_record_of, outcome)
+        return await db_step(call_settle, hold=hold, outcome=outcome, rates=rates)
     if _key_use_due(outcome.api_key_id):
         await db_step(_key_use_write, outcome.api_key_id)
     return _settled_record(row, fields, now)

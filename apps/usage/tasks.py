@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
     autoretry_for=(DatabaseError,),
     retry_backoff=1,
     retry_backoff_max=30,
-    max_retries=40,  # about a quarter of an hour: well inside the hold's lifetime
+    # About two hours of a database outage. Past the hold's life the stale-hold sweeper
+    # releases it; the settlement, when it comes, charges the call all the same.
+    max_retries=240,
     acks_late=True,
     time_limit=60,
     soft_time_limit=50,
@@ -38,7 +40,7 @@ def settle_call(hold_id: int, outcome: dict) -> str | None:
     outcome = {"cache_write_tokens": 0, **outcome}
     record = call_settle(hold=hold, outcome=CallOutcome(**outcome), rates=price)
     if record is None:
-        logger.error("call %s could not be settled: its hold was released", outcome["request_id"])
+        logger.error("call %s could not be settled", outcome["request_id"])
         return None
     return record.request_id
 

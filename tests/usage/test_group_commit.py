@@ -126,7 +126,7 @@ def test_calls_of_many_organizations_settle_together_into_exact_books(price):
         )
 
     holds = [hold for hold, _max in run(hold_all())]
-    released = holds[1]  # given up for dead before it settles: nothing to charge
+    released = holds[1]  # given up for dead before it settles: charged all the same
     hold_release(hold=released)
 
     def outcome(org, n):
@@ -146,10 +146,8 @@ def test_calls_of_many_organizations_settle_together_into_exact_books(price):
     )
 
     assert _statements("settle") == (before[0] + 1, before[1] + len(calls))
-    assert records[1] is None  # the released hold
+    assert Hold.objects.get(pk=released.pk).status == HoldStatus.SETTLED  # late, by the ledger
     for record, (org, n) in zip(records, calls, strict=True):
-        if record is None:
-            continue
         stored = UsageRecord.objects.get(request_id=record.request_id)
         assert (stored.pk, stored.organization_id, stored.completion_tokens) == (
             record.pk,
@@ -175,8 +173,7 @@ def test_calls_of_many_organizations_settle_together_into_exact_books(price):
         )
         customer = _customer(org)
         assert (customer.balance_nano, customer.held_nano) == (parse_usd("10") - charged, 0)
-    assert Hold.objects.get(pk=released.pk).status == HoldStatus.RELEASED
-    assert UsageRecord.objects.count() == len(calls) - 1
+    assert UsageRecord.objects.count() == len(calls)
     report = books_check()
     assert report.is_clean, report.problems
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import timedelta
 
 import pytest
 import time_machine
+from django.utils import timezone
 
-from apps.billing.models import Account, ReconciliationReport
-from apps.billing.services import account_for_organization
+from apps.billing.models import Account, Hold, HoldStatus, ReconciliationReport
+from apps.billing.money import parse_usd
+from apps.billing.selectors import books_check
+from apps.billing.services import account_for_organization, holds_release_stale
 from apps.usage.models import EndReason, RollupPeriod, UsageRecord, UsageRollup, UsageSource
+from apps.usage.selectors import usage_ledger_problems
 from apps.usage.services import CallOutcome, books_reconcile, call_settle
 from apps.usage.tasks import reconcile_books, rollup_usage, settle_call
 from tests.billing.holds import hold_of
@@ -97,6 +102,31 @@ def test_a_settlement_queued_before_cache_writes_were_counted_apart_still_settle
     record = UsageRecord.objects.get(request_id="chatcmpl-old")
     assert record.cache_write_tokens == 0
     assert record.charged_nano == 40 * 2_500 + 10 * 1_250 + 100 * 10_000
+
+
+def test_a_settlement_that_outlived_its_hold_still_charges_the_call_once(
+    funded_org, api_key, price
+):
+    """A database outage longer than a hold's life: the call's settlement waits in the
+    queue, the stale-hold sweeper releases the hold (the money goes back to the balance),
+    then the settlement comes. The call was metered and the upstream bills it: it is
+    charged, once, and the books stay clean."""
+    account = account_for_organization(organization=funded_org)
+    expired = timezone.now() - timedelta(minutes=1)
+    hold = hold_of(account, 10**7, "chatcmpl-late", expires_at=expired)
+    assert holds_release_stale() == 1
+    queued = asdict(call_outcome(funded_org, api_key, price, "chatcmpl-late"))
+    assert settle_call(hold.pk, queued) == "chatcmpl-late"
+    assert settle_call(hold.pk, queued) == "chatcmpl-late"  # the queue delivered it twice
+    record = UsageRecord.objects.get(request_id="chatcmpl-late")
+    cost = 40 * 2_500 + 10 * 1_250 + 100 * 10_000
+    assert record.charged_nano == record.cost_nano == cost
+    assert Hold.objects.get(pk=hold.pk).status == HoldStatus.SETTLED
+    account.refresh_from_db()
+    assert (account.balance_nano, account.held_nano) == (parse_usd("10") - cost, 0)
+    report = books_check()
+    assert report.is_clean, report.problems
+    assert usage_ledger_problems()[1] == []
 
 
 def test_reconcile_stores_a_clean_report(funded_org, api_key, price):
