@@ -705,9 +705,7 @@ def hold_settle(
     records it.
     """
     with transaction.atomic(savepoint=False):
-        if not (
-            _hold_close(hold=hold, status=HoldStatus.SETTLED) or _released_hold_settle(hold)
-        ):
+        if not (_hold_close(hold=hold, status=HoldStatus.SETTLED) or _released_hold_settle(hold)):
             return False, None, 0
         if cost_nano <= 0:
             return True, None, 0
