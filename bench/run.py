@@ -636,9 +636,9 @@ def verdict(ok: bool | None) -> str:
 def python_loop_ms() -> float:
     """The best of three timings of a fixed pure-Python loop (ten million additions), in ms.
 
-    A yardstick of this hour's machine: the same 2-core kind has run it two to three times
-    slower on some hours than on others (a busy host, with no steal reported), and every
-    figure of a run moves with it. Runs are comparable only at similar yardsticks."""
+    The speed of a core this hour. It does not feel the caches, memory or the kernel's
+    network path: on 2026-11-26 it read a normal ~360 ms in runs where the fake upstream
+    used three times its usual CPU (bench/README.md). Read it beside the direct rows."""
     best = float("inf")
     for _ in range(3):
         started = time.perf_counter()
