@@ -649,7 +649,56 @@ def python_loop_ms() -> float:
     return best * 1000
 
 
-def machine_info(setup: Setup, load_before: str, loop_ms: tuple[float, float]) -> list[str]:
+_ECHO = """
+import socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while data := c.recv(256):
+    c.sendall(data)
+"""
+
+
+def loopback_round_trip_us(trips: int = 20_000) -> float:
+    """The best of three means of a 100-byte round trip over TCP on 127.0.0.1 to another
+    process, in µs: a system call each way, a wake-up of the other process, the kernel's
+    network path. That is most of what relaying a chunk costs, and what a slow host slows
+    (on 2026-11-26: 23-32 µs on an hour when real200 ran three times slower than before)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        echo = subprocess.Popen([PYTHON, "-c", _ECHO, str(listener.getsockname()[1])])
+        try:
+            peer, _ = listener.accept()
+            with peer:
+                peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                best = float("inf")
+                for _ in range(3):
+                    started = time.perf_counter()
+                    for _ in range(trips):
+                        peer.sendall(b"x" * 100)
+                        peer.recv(256)
+                    best = min(best, time.perf_counter() - started)
+        finally:
+            echo.wait(timeout=10)
+    return best / trips * 1e6
+
+
+def kernel_mitigations() -> str:
+    """The kernel's mitigations that tax every system call and context switch, the bulk
+    of a relay's work (the machine kind has run kernels with and without them)."""
+    found = []
+    for name in ("spectre_v2", "spec_rstack_overflow", "retbleed"):
+        try:
+            with open(f"/sys/devices/system/cpu/vulnerabilities/{name}") as f:
+                found.append(f"{name}: {f.read().strip()}")
+        except OSError:
+            continue
+    return "; ".join(found) or "unknown"
+
+
+def machine_info(
+    setup: Setup, load_before: str, loop_ms: tuple[float, float], trip_us: tuple[float, float]
+) -> list[str]:
     cpu_model = "unknown"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -672,10 +721,13 @@ def machine_info(setup: Setup, load_before: str, loop_ms: tuple[float, float]) -
         f"- commit: {commit}{' (with uncommitted changes)' if dirty else ''}",
         f"- machine: {os.cpu_count()} CPUs ({cpu_model}), {mem_kb / 1024 / 1024:.1f} GiB memory, "
         f"{platform.system()} {platform.release()}",
+        f"- kernel mitigations: {kernel_mitigations()}",
         f"- Python {platform.python_version()}, PostgreSQL {pg_version}, Redis {redis_version}",
         f"- load average before the run: {load_before}",
         f"- machine speed: a fixed pure-Python loop (10 M additions) took {loop_ms[0]:,.0f} ms "
-        f"before the run and {loop_ms[1]:,.0f} ms after it (best of three)",
+        f"before the run and {loop_ms[1]:,.0f} ms after it (best of three); a 100-byte TCP "
+        f"round trip to another process on 127.0.0.1 took {trip_us[0]:.1f} µs before and "
+        f"{trip_us[1]:.1f} µs after",
         f"- real200: platform/serve, WEB_CONCURRENCY={setup.args.workers}, HTTPS=0, "
         f"PostgreSQL database {setup.args.database}, Redis {setup.args.redis_url}; "
         f"load from {setup.args.orgs} organization(s), one key each",
@@ -1041,8 +1093,8 @@ def main() -> int:
     with open("/proc/loadavg") as f:
         load_before = " ".join(f.read().split()[:3])
     log(f"load average before the run: {load_before} on {os.cpu_count()} CPUs")
-    loop_before = python_loop_ms()
-    log(f"machine speed: a fixed pure-Python loop took {loop_before:,.0f} ms")
+    loop_before, trip_before = python_loop_ms(), loopback_round_trip_us()
+    log(f"machine speed: loop {loop_before:,.0f} ms, loopback round trip {trip_before:.1f} µs")
     procs = Processes()
     setup = Setup(args=args, procs=procs)
     try:
@@ -1059,7 +1111,9 @@ def main() -> int:
         checks, checks_ok = after_checks(setup, bench)
         targets, verdicts = targets_and_verdicts(bench)
         loop_ms = (loop_before, python_loop_ms())
-        text = report(bench, machine_info(setup, load_before, loop_ms), checks, targets)
+        trip_us = (trip_before, loopback_round_trip_us())
+        machine = machine_info(setup, load_before, loop_ms, trip_us)
+        text = report(bench, machine, checks, targets)
     finally:
         procs.stop_all()
     print(text)
