@@ -17,7 +17,7 @@ from psycopg import sql
 from apps.billing.models import Account
 from apps.gateway.tokens import count_prompt_tokens, count_text_tokens
 from apps.usage.models import EndReason, UsageSource
-from tests.fakes import text_for
+from tests.fakes import FakeUpstream, text_for
 from tests.gateway.conftest import Live, cost_of, sse_events
 from tests.gateway.test_completions import PARIS, WEATHER_TOOL
 from tests.openapi import assert_valid
@@ -524,27 +524,53 @@ class WritesThatWait:
         await self.application(scope, receive, waiting_send)
 
 
+def cut_short_behind_waiting_writes(
+    live: Live,
+    upstream: FakeUpstream,
+    error: type[Exception],
+    *,
+    pace: float,
+    model: str = "gpt-4o",
+    timeout: float = 0.5,
+    **waits: float,
+):
+    """Stream a long answer (400 tokens, one every `pace` s) through real200 behind
+    `WritesThatWait(**waits)` until the client gets `error`. Returns the balance before
+    the call, the upstream's call once real200 has left it, and the call's usage record."""
+    from config.asgi import application
+
+    assert live.post(streamed(model, stream=False)).status_code == 200  # warm: vocabulary, route
+    upstream.configure(tokens=400, pace=pace)
+    before = live.balance_nano()
+    with asgi_in_thread(WritesThatWait(application, **waits)) as url:
+        with pytest.raises(error):
+            replace(live, url=url).stream(streamed(model, max_tokens=1000), timeout=timeout)
+        _warm_up, call = upstream.wait_for_calls(2)
+        assert call.wait_disconnected(seconds=1), "real200 kept reading from the upstream"
+        _warm_up, record = live.wait_settled(2)
+    return before, call, record
+
+
+def assert_billed_what_was_produced(call, record, model: str = "gpt-4o") -> None:
+    """Billed for what the upstream produced until real200 left it, short of it by no more
+    than two tokens in flight."""
+    produced = call.tokens_at_disconnect
+    assert 10 < produced < 400
+    bounds = [count_text_tokens(text_for(n), model) for n in (produced - 2, produced)]
+    assert bounds[0] <= record.completion_tokens <= bounds[1]
+
+
 def test_a_client_that_leaves_while_its_headers_wait_to_be_written_is_billed(live):
     """The stream is open upstream (the hold placed, the first chunk in) when the client
     leaves while the response's headers are still waiting to be written: the body was never
     iterated, and it must still close the upstream and settle the call, billed for what
     the upstream produced meanwhile."""
-    from config.asgi import application
-
-    assert live.post(streamed(stream=False)).status_code == 200  # warm: vocabulary, route
-    live.upstream.configure(tokens=400, pace=0.02)
-    before = live.balance_nano()
-    with asgi_in_thread(WritesThatWait(application, before_headers=3.0)) as url:
-        with pytest.raises(httpx.ReadTimeout):
-            replace(live, url=url).stream(streamed(max_tokens=1000), timeout=0.5)
-        _warm_up, call = live.upstream.wait_for_calls(2)
-        assert call.wait_disconnected(seconds=1), "real200 kept reading from the upstream"
-        _warm_up, record = live.wait_settled(2)
+    before, call, record = cut_short_behind_waiting_writes(
+        live, live.upstream, httpx.ReadTimeout, pace=0.02, before_headers=3.0
+    )
     assert record.end_reason == EndReason.CLIENT_GONE
     assert record.prompt_tokens == count_prompt_tokens(MESSAGES, "gpt-4o")
-    produced = call.tokens_at_disconnect
-    assert 10 < produced < 400
-    assert tokens(produced - 2) <= record.completion_tokens <= tokens(produced)
+    assert_billed_what_was_produced(call, record)
     assert live.balance_nano() == before - cost_of(record)
     assert live.held_nano() == 0
 
@@ -556,24 +582,13 @@ def test_a_client_that_leaves_while_a_write_waits_is_billed_as_gone(live, reques
     client went away, not a completed answer, and it is billed for what the upstream
     produced until real200 closed it, which includes what waited in real200's buffers
     while the relay could not write (it reads the upstream no faster than it writes)."""
-    from config.asgi import application
-
     upstream = request.getfixturevalue("claude") if model.startswith("claude") else live.upstream
-    assert live.post(streamed(model, stream=False)).status_code == 200  # warm: vocabulary, route
-    upstream.configure(tokens=400, pace=0.02)
-    before = live.balance_nano()
-    with asgi_in_thread(WritesThatWait(application, before_second_part=3.0)) as url:
-        with pytest.raises(httpx.ReadTimeout):
-            replace(live, url=url).stream(streamed(model, max_tokens=1000), timeout=0.5)
-        _warm_up, call = upstream.wait_for_calls(2)
-        assert call.wait_disconnected(seconds=1), "real200 kept reading from the upstream"
-        _warm_up, record = live.wait_settled(2)
+    before, call, record = cut_short_behind_waiting_writes(
+        live, upstream, httpx.ReadTimeout, pace=0.02, model=model, before_second_part=3.0
+    )
     assert record.end_reason == EndReason.CLIENT_GONE
     assert record.usage_source == UsageSource.ESTIMATED
-    produced = call.tokens_at_disconnect
-    assert 10 < produced < 400
-    produced_tokens = [count_text_tokens(text_for(n), model) for n in (produced - 2, produced)]
-    assert produced_tokens[0] <= record.completion_tokens <= produced_tokens[1]
+    assert_billed_what_was_produced(call, record, model)
     assert live.balance_nano() == before - cost_of(record)
     assert live.held_nano() == 0
 
@@ -605,24 +620,20 @@ def test_a_stream_whose_client_stopped_reading_still_ends_at_the_longest_call_ti
     free. The handler ends such a stream soon after the call's time: settled as a timeout,
     billed for what the upstream produced."""
     import config.asgi
-    from config.asgi import application
 
     monkeypatch.setattr(config.asgi, "OVERDUE_GRACE_SECONDS", 0.2)
-    assert live.post(streamed(stream=False)).status_code == 200  # warm: vocabulary, route
     settings.GATEWAY_MAX_CALL_SECONDS = 0.5
-    live.upstream.configure(tokens=400, pace=0.01)
-    before = live.balance_nano()
-    with asgi_in_thread(WritesThatWait(application, before_second_part=30.0)) as url:
-        started = time.monotonic()
-        with pytest.raises(httpx.RemoteProtocolError):  # the body cut short
-            replace(live, url=url).stream(streamed(max_tokens=1000), timeout=10)
-        assert time.monotonic() - started < 3
-        _warm_up, call = live.upstream.wait_for_calls(2)
-        assert call.wait_disconnected(seconds=1), "real200 kept reading from the upstream"
-        _warm_up, record = live.wait_settled(2)
+    started = time.monotonic()
+    before, call, record = cut_short_behind_waiting_writes(
+        live,
+        live.upstream,
+        httpx.RemoteProtocolError,  # the body cut short
+        pace=0.01,
+        timeout=10,
+        before_second_part=30.0,
+    )
+    assert time.monotonic() - started < 4
     assert record.end_reason == EndReason.TIMEOUT
-    produced = call.tokens_at_disconnect
-    assert 10 < produced < 400
-    assert tokens(produced - 2) <= record.completion_tokens <= tokens(produced)
+    assert_billed_what_was_produced(call, record)
     assert live.balance_nano() == before - cost_of(record)
     assert live.held_nano() == 0
