@@ -25,13 +25,14 @@ from apps.billing.money import call_cost_nano, parse_usd
 from apps.billing.services import credit_grant
 from apps.billing.tasks import release_stale_holds
 from apps.catalog.services import channel_add, price_set
-from apps.gateway.tokens import count_prompt_tokens
+from apps.gateway.tokens import count_prompt_tokens, count_text_tokens
 from apps.keys.services import key_create
 from apps.tenancy.models import User
 from apps.tenancy.services import organization_create
 from apps.usage.models import EndReason, UsageRecord
 from apps.usage.services import books_reconcile
 from config.celery import app as celery_app
+from tests.fakes import text_for
 from tests.fakes.upstreams import OpenAIFake
 from tests.servers import database_url_for_subprocess, real200_server
 
@@ -138,6 +139,67 @@ def test_an_organization_funded_for_n_calls_gets_at_most_n_of_5n_concurrent_call
     assert sum(charges.values_list("amount_nano", flat=True)) == n * cost
     assert len(fake.calls) == n  # a refused call never reached the upstream
     _assert_books_clean()
+
+
+def test_concurrent_streams_cut_short_are_each_billed_what_the_upstream_produced():
+    """Thirty streams at once over two worker processes; every other client leaves after a
+    few chunks. Each call is settled exactly once: those read to the end at the upstream's
+    own count, the others at what the upstream produced until real200 closed it (no more,
+    and short of it by no more than two tokens in flight each), and the books reconcile
+    to the unit."""
+    funding = parse_usd("5.00")
+    n, tokens = 30, 200
+    with OpenAIFake(tokens=tokens, pace=0.01) as fake:
+        org, _price, key = _setup(fake, funding)
+        with real200_server(workers=2, env=_server_env()) as server:
+
+            async def one(client: httpx.AsyncClient, index: int) -> None:
+                body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": tokens,
+                        "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+                leave_after = 3 + index % 10 if index % 2 else None
+                chunks = 0
+                async with client.stream(
+                    "POST",
+                    f"{server.url}/v1/chat/completions",
+                    json=body,
+                    headers={"Authorization": f"Bearer {key}"},
+                ) as response:
+                    assert response.status_code == 200
+                    async for line in response.aiter_lines():
+                        chunks += line.startswith("data: {")
+                        if leave_after and chunks >= leave_after:
+                            return  # leaving the block closes the connection
+
+            async def all_at_once() -> None:
+                limits = httpx.Limits(max_connections=n)
+                async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+                    await asyncio.gather(*(one(client, index) for index in range(n)))
+
+            asyncio.run(all_at_once())
+            _wait_for(lambda: UsageRecord.objects.count() == n, what="every call's settlement")
+    assert len(fake.calls) == n
+    cut = [call for call in fake.calls if not call.completed]
+    assert len(cut) == n // 2
+    assert all(call.wait_disconnected(5) for call in cut)
+    records = list(UsageRecord.objects.all())
+    done = [r for r in records if r.end_reason == EndReason.DONE]
+    gone = [r for r in records if r.end_reason == EndReason.CLIENT_GONE]
+    assert len(done) == len(gone) == n // 2
+    assert {r.completion_tokens for r in done} == {tokens}
+    produced = [call.tokens_at_disconnect for call in cut]
+    billed = sum(r.completion_tokens for r in gone)
+    assert sum(_words_in_tokens(max(k - 2, 0)) for k in produced) <= billed
+    assert billed <= sum(_words_in_tokens(k) for k in produced)
+    account = Account.objects.get(organization=org)
+    charged = sum(r.charged_nano for r in records)
+    assert (account.balance_nano, account.held_nano) == (funding - charged, 0)
+    assert not Hold.objects.filter(status=HoldStatus.OPEN).exists()
+    _assert_books_clean()
+
+
+def _words_in_tokens(words: int) -> int:
+    """The tokens of the fake's first `words` words, as real200 counts them."""
+    return count_text_tokens(text_for(words), "gpt-4o")
 
 
 def test_a_web_process_killed_mid_stream_leaves_a_hold_the_task_releases():
