@@ -666,6 +666,7 @@ def loopback_round_trip_us(trips: int = 20_000) -> float:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
+        listener.settimeout(10)  # an echo process that never connects fails the run
         echo = subprocess.Popen([PYTHON, "-c", _ECHO, str(listener.getsockname()[1])])
         try:
             peer, _ = listener.accept()

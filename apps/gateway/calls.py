@@ -435,6 +435,13 @@ def upstream_failure(call: Call, error: UpstreamFailed) -> GatewayError:
     return UpstreamBadGateway("The upstream provider failed while answering. Please retry.")
 
 
+def past_deadline(call: Call) -> UpstreamTimeout:
+    """The call ran past GATEWAY_MAX_CALL_SECONDS (`Call.deadline`): it ends as a timeout,
+    billed for what was delivered."""
+    call.end_reason = EndReason.TIMEOUT
+    return UpstreamTimeout("The call ran past the longest time a call may take.")
+
+
 def _note_unavailable(call: Call, channel: ChannelRoute, error: UpstreamUnavailable) -> None:
     metrics.UPSTREAM_ERRORS.labels(channel=channel.name, kind="unavailable").inc()
     logger.warning("call %s: channel %s unavailable: %s", call.id, channel.name, error)
@@ -456,11 +463,10 @@ async def complete(call: Call) -> Completion:
                     call.chat, call.upstream(channel), upstream_client()
                 )
         except TimeoutError:
-            metrics.UPSTREAM_ERRORS.labels(channel=channel.name, kind="failed").inc()
             call.accepted = True  # it may have been processed: nothing more is tried
-            call.end_reason = EndReason.TIMEOUT
-            call.status_code = 504
-            raise UpstreamTimeout("The call ran past the longest time a call may take.") from None
+            error = past_deadline(call)
+            call.status_code = error.status
+            raise error from None
         except UpstreamUnavailable as error:
             _note_unavailable(call, channel, error)
             errors.append(error)

@@ -26,7 +26,6 @@ from apps.gateway.errors import (
     RateLimited,
     RequestTooLarge,
     ServiceBusy,
-    UpstreamTimeout,
     sse_error_event,
 )
 from apps.gateway.providers.base import StreamEvent, UpstreamFailed
@@ -269,10 +268,7 @@ async def _relay(
             if chunk:
                 yield chunk
             if time.monotonic() > deadline:
-                call.end_reason = EndReason.TIMEOUT
-                yield sse_error_event(
-                    UpstreamTimeout("The call ran past the longest time a call may take.")
-                )
+                yield sse_error_event(calls.past_deadline(call))
                 return
         # The answer is complete: a client that leaves during the last two events is not a
         # cut-short call, and is billed what the usage chunk (if asked for) told it.
