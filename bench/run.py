@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -281,7 +282,7 @@ class Setup:
         redis.Redis.from_url(a.redis_url).flushdb()
         self.env = {
             **os.environ,
-            "DATABASE_URL": f"postgres://{a.pg_user}@{a.pg_host}:{a.pg_port}/{db}",
+            "DATABASE_URL": f"postgres://{a.pg_user}@{quote(a.pg_host, safe='')}:{a.pg_port}/{db}",
             "REDIS_URL": a.redis_url,
             "SECRET_KEY": "bench-only-secret-key-not-for-production-0123456789",
             "HTTPS": "0",
