@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import os
+from contextlib import aclosing
 
 from django.core.asgi import get_asgi_application
 
@@ -23,6 +24,8 @@ from django.core.exceptions import RequestAborted  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E402
 from django.http import HttpRequest  # noqa: E402
 from django.urls import set_script_prefix  # noqa: E402
+
+from apps.gateway.views import EventStream, LastPart  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +123,28 @@ class ApiHandler(ASGIHandler):
                 # reached (cancelled while writing the headers), so that its cleanup runs:
                 # a stream's relay settles its call there. Closing a closed one is a no-op.
                 await aiter(response).aclose()
+
+    async def send_response(self, response, send) -> None:
+        """Django's send_response, leaner for an event stream: each part goes out as it
+        is (Django runs every part through a generator that splits it into 64 KiB
+        pieces; a stream's parts are a few hundred bytes), and the relay's `LastPart`
+        ends the body in its own write."""
+        if not isinstance(response, EventStream):
+            await super().send_response(response, send)
+            return
+        headers = [
+            (name.encode("ascii"), value.encode("latin1")) for name, value in response.items()
+        ]
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
+        ended = False
+        async with aclosing(aiter(response)) as parts:
+            async for part in parts:
+                ended = type(part) is LastPart
+                await send({"type": "http.response.body", "body": part, "more_body": not ended})
+        if not ended:
+            await send({"type": "http.response.body"})
 
     def load_middleware(self, is_async: bool = False) -> None:
         # BaseHandler builds its chain from settings.MIDDLEWARE; build this one from the

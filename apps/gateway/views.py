@@ -226,10 +226,17 @@ async def _complete(call: calls.Call) -> HttpResponse:
 class EventStream(StreamingHttpResponse):
     """A streamed body whose parts are bytes already: the ASGI handler iterates the relay
     itself, without the two generator layers and the type check per part that
-    StreamingHttpResponse wraps around it (8 % of the CPU of relaying a chunk, measured)."""
+    StreamingHttpResponse wraps around it (8 % of the CPU of relaying a chunk, measured),
+    and sends each part as it is (config/asgi.py, `ApiHandler.send_response`)."""
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterator
+
+
+class LastPart(bytes):
+    """The last part of an event stream. The handler sends it as the end of the body, in
+    the same write as HTTP's end-of-body marker, instead of a write of its own after it:
+    one system call less per stream, and the client is woken once at the end, not twice."""
 
 
 async def _stream(call: calls.Call) -> HttpResponse:
@@ -274,7 +281,9 @@ async def _relay(
         # cut-short call, and is billed what the usage chunk (if asked for) told it.
         upstream_done = True
         # One write for the last two events: the client is woken once, not twice.
-        yield writer.usage_chunk() + calls.DONE if call.request.include_usage else calls.DONE
+        yield LastPart(
+            writer.usage_chunk() + calls.DONE if call.request.include_usage else calls.DONE
+        )
     except UpstreamFailed as error:
         yield sse_error_event(calls.upstream_failure(call, error))
     except (asyncio.CancelledError, GeneratorExit):

@@ -495,6 +495,41 @@ def test_a_server_that_stops_settles_its_ended_streams_first(live):
     assert live.held_nano() == 0
 
 
+class RecordedSends:
+    """real200's ASGI application, with the messages it sends for each response kept."""
+
+    def __init__(self, application) -> None:
+        self.application = application
+        self.messages: list[dict] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def recording_send(message) -> None:
+            self.messages.append(message)
+            await send(message)
+
+        await self.application(scope, receive, recording_send)
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_a_stream_ends_its_body_with_its_last_event(live, include_usage):
+    """The last event goes out as the end of the body: one write with HTTP's end marker,
+    not one for the event and another, empty, after it."""
+    from config.asgi import application
+
+    live.upstream.configure(tokens=3)
+    recorded = RecordedSends(application)
+    with asgi_in_thread(recorded) as url:
+        _response, events = replace(live, url=url).stream(streamed(include_usage=include_usage))
+    assert events[-1] == "[DONE]"
+    bodies = [m for m in recorded.messages if m["type"] == "http.response.body"]
+    *parts, last = bodies
+    assert all(part["more_body"] for part in parts)
+    assert last["more_body"] is False
+    assert last["body"].endswith(b"data: [DONE]\n\n")
+    assert last["body"].count(b'"usage":{') == include_usage
+    live.wait_settled()
+
+
 class WritesThatWait:
     """real200's ASGI application behind a server whose writes to the client wait, as
     uvicorn's do when a client stops reading and the socket's buffers are full (its flow
