@@ -70,6 +70,7 @@ class Behaviour:
     cached_tokens: int = 0  # cache reads: cached_tokens / cache_read_input_tokens
     cache_creation_tokens: int = 0  # Anthropic's cache_creation_input_tokens
     finish_reason: str | None = None  # the API's own finish/stop reason, to override ours
+    ignores_stream: bool = False  # answer a streamed request with the whole JSON answer
 
 
 @dataclass(eq=False)
@@ -287,7 +288,7 @@ class FakeUpstream:
                 send, behaviour.fail_status, self.error_body(behaviour.fail_status), headers
             )
             return
-        if not call.stream:
+        if not call.stream or behaviour.ignores_stream:
             await asyncio.sleep(behaviour.pace * self.answer_tokens(call))
             if behaviour.drop_after is not None:
                 raise _Dropped

@@ -205,6 +205,43 @@ def test_a_stream_whose_upstream_reports_no_usage_is_billed_by_our_own_count(liv
     assert live.balance_nano() == before - record.charged_nano
 
 
+def test_an_upstream_that_ignores_stream_has_its_whole_answer_relayed_as_a_stream(live):
+    """Some compatible servers answer `stream: true` with the whole completion, as JSON.
+    They bill it, so the customer gets it, as a stream, billed on the upstream's usage."""
+    live.upstream.configure(tokens=6, prompt_tokens=15, cached_tokens=3, ignores_stream=True)
+    before = live.balance_nano()
+    response, events = live.stream(streamed(include_usage=True))
+    *answer, usage_chunk = chunks_of(events)
+    assert {chunk["id"] for chunk in answer} == {response.headers["x-request-id"]}
+    assert {chunk["model"] for chunk in answer} == {"gpt-4o"}
+    assert answer[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert text_of(answer) == text_for(6)
+    assert answer[-1]["choices"] == [
+        {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    ]
+    assert live.upstream.calls[-1].body["stream"] is True
+    assert usage_chunk["usage"]["completion_tokens"] == 6
+    (record,) = live.wait_settled()
+    assert record.usage_source == UsageSource.UPSTREAM
+    assert record.end_reason == EndReason.DONE
+    assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (15, 3, 6)
+    assert live.balance_nano() == before - record.charged_nano == before - cost_of(record)
+
+
+def test_the_sdk_reads_a_tool_call_from_an_upstream_that_ignores_stream(live):
+    live.upstream.configure(tokens=0, tool_call=PARIS, ignores_stream=True)
+    stream = live.sdk.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, tools=[WEATHER_TOOL], stream=True
+    )
+    chunks = list(stream)
+    (call,) = [c for chunk in chunks for c in chunk.choices[0].delta.tool_calls or ()]
+    assert (call.index, call.function.name) == (0, "get_weather")
+    assert orjson.loads(call.function.arguments) == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    (record,) = live.wait_settled()
+    assert record.completion_tokens > 0
+
+
 def test_an_anthropic_stream_is_openai_shaped_and_bills_its_cache_tokens(live, claude):
     claude.configure(tokens=7, prompt_tokens=10, cached_tokens=4, cache_creation_tokens=6)
     before = live.balance_nano()

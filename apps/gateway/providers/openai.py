@@ -2,12 +2,13 @@
 
 The request is passed through as the customer sent it, with the upstream's model name, the
 resolved output cap, and a request for usage at the end of a stream. The answer's
-``choices`` come back as they were sent.
+``choices`` come back as they were sent (a server that answers a streamed request with
+the whole completion has it relayed as a stream).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -52,6 +53,12 @@ class OpenAIProvider:
             body.pop("stream_options", None)
         finished = False
         async with _http.post(client, upstream, _url(upstream), body, _headers(upstream)) as r:
+            if r.content_type == "application/json":
+                # A server that ignores `stream` answers the whole completion at once; it
+                # bills the answer, so the customer gets it, as a stream.
+                for event in _answer_as_events(await _http.read_json(r)):
+                    yield event
+                return
             async for data in _http.sse_data(r, upstream.chunk_timeout):
                 if data == b"[DONE]":
                     return
@@ -71,6 +78,44 @@ class OpenAIProvider:
         # Some servers omit [DONE]; an answer that never finished was cut short, though.
         if not finished:
             raise UpstreamFailed("the stream ended before the answer finished")
+
+
+def _answer_as_events(answer: dict[str, Any]) -> Iterator[StreamEvent]:
+    """A whole completion as the events of a stream: each choice's message as one delta,
+    then each choice's finish reason in a chunk of its own, as OpenAI ends a stream, then
+    the usage."""
+    if "choices" not in answer:
+        raise UpstreamFailed(f"an answer without choices: {_http.error_message(answer)}")
+    deltas, ends = [], []
+    for position, choice in enumerate(answer["choices"]):
+        message = choice.get("message") or {}
+        delta = {"role": "assistant", "content": message.get("content")}
+        if message.get("refusal"):
+            delta["refusal"] = message["refusal"]
+        if tool_calls := message.get("tool_calls"):
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
+        index = choice.get("index", position)
+        deltas.append(
+            {
+                "index": index,
+                "delta": delta,
+                "logprobs": choice.get("logprobs"),
+                "finish_reason": None,
+            }
+        )
+        ends.append(
+            {
+                "index": index,
+                "delta": {},
+                "logprobs": None,
+                "finish_reason": choice.get("finish_reason") or "stop",
+            }
+        )
+    fingerprint = answer.get("system_fingerprint")
+    yield ChunkEvent(choices=deltas, text=_generated_text(deltas), system_fingerprint=fingerprint)
+    yield ChunkEvent(choices=ends, text="", system_fingerprint=fingerprint)
+    if usage := _usage(answer.get("usage")):
+        yield UsageEvent(usage)
 
 
 def _upstream_body(request: ChatRequest, upstream: Upstream) -> dict[str, Any]:
