@@ -71,6 +71,7 @@ class Behaviour:
     cache_creation_tokens: int = 0  # Anthropic's cache_creation_input_tokens
     finish_reason: str | None = None  # the API's own finish/stop reason, to override ours
     ignores_stream: bool = False  # answer a streamed request with the whole JSON answer
+    always_streams: bool = False  # answer a request that was not streamed with a stream
 
 
 @dataclass(eq=False)
@@ -288,7 +289,7 @@ class FakeUpstream:
                 send, behaviour.fail_status, self.error_body(behaviour.fail_status), headers
             )
             return
-        if not call.stream or behaviour.ignores_stream:
+        if (not call.stream or behaviour.ignores_stream) and not behaviour.always_streams:
             await asyncio.sleep(behaviour.pace * self.answer_tokens(call))
             if behaviour.drop_after is not None:
                 raise _Dropped

@@ -9,6 +9,8 @@ import orjson
 import pytest
 
 from apps.billing.models import Hold, HoldStatus
+from apps.catalog.models import Channel
+from apps.catalog.selectors import routes_forget
 from apps.gateway.tokens import count_prompt_tokens, count_text_tokens
 from apps.usage.models import EndReason, UsageSource
 from tests.fakes import text_for
@@ -65,6 +67,40 @@ def test_a_non_streamed_call_is_openai_shaped_and_billed_exactly(live):
     assert record.cost_nano == record.charged_nano == expected == cost_of(record)
     assert live.balance_nano() == before - expected
     assert live.held_nano() == 0
+
+
+def test_a_model_that_answers_only_as_a_stream_gets_its_whole_answer_billed(live):
+    """A channel of stream-only models (`"stream_only": true` in its settings) is streamed
+    upstream for a call that is not; the customer gets the whole answer, billed on the
+    usage the stream reported."""
+    Channel.objects.filter(name="primary").update(settings={"stream_only": True})
+    routes_forget()
+    live.upstream.configure(tokens=7, prompt_tokens=21, cached_tokens=5)
+    before = live.balance_nano()
+    response = live.post({"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 50})
+    assert response.status_code == 200
+    body = response.json()
+    assert_valid("CreateChatCompletionResponse", body)
+    assert body["choices"][0]["message"]["content"] == text_for(7)
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 5}
+    assert live.upstream.calls[-1].body["stream"] is True
+    (record,) = live.records()
+    assert not record.is_stream
+    assert record.usage_source == UsageSource.UPSTREAM
+    assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (21, 5, 7)
+    assert live.balance_nano() == before - record.charged_nano == before - cost_of(record)
+
+
+def test_a_server_that_streams_what_was_not_asked_as_a_stream_is_billed_by_our_count(live):
+    live.upstream.configure(tokens=9, always_streams=True)
+    before = live.balance_nano()
+    answer = live.sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=50)
+    assert answer.choices[0].message.content == text_for(9)
+    assert answer.usage.completion_tokens == count_text_tokens(text_for(9), "gpt-4o")
+    (record,) = live.records()
+    assert record.usage_source == UsageSource.ESTIMATED
+    assert record.completion_tokens == answer.usage.completion_tokens
+    assert live.balance_nano() == before - record.charged_nano == before - cost_of(record)
 
 
 @pytest.mark.parametrize(

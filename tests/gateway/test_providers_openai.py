@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -175,6 +176,79 @@ async def test_a_whole_tool_call_comes_back_as_sent(fake, client) -> None:
         "name": "get_weather",
         "arguments": '{"city":"Paris"}',
     }
+
+
+async def test_a_channel_of_stream_only_models_is_streamed_and_put_together(fake, client) -> None:
+    fake.configure(tokens=6, prompt_tokens=50, cached_tokens=32)
+    upstream = upstream_for(fake, settings={"stream_only": True})
+
+    completion = await provider.complete(chat(), upstream, client)
+
+    body = fake.calls[-1].body
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert completion.response == {
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text_for(6)},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "system_fingerprint": "fp_fake",
+    }
+    assert completion.usage == Usage(prompt_tokens=50, completion_tokens=6, cached_tokens=32)
+
+
+async def test_a_stream_only_tool_call_is_put_together_from_its_fragments(fake, client) -> None:
+    arguments = {"city": "Paris", "unit": "celsius", "days": 3}
+    fake.configure(tokens=2, tool_call={"name": "get_weather", "arguments": arguments})
+    upstream = upstream_for(fake, settings={"stream_only": True})
+
+    completion = await provider.complete(chat(), upstream, client)
+
+    assert fake.calls[-1].body["stream"] is True
+    choice = completion.response["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == text_for(2)
+    (call,) = choice["message"]["tool_calls"]
+    assert call["id"] == f"call_fake{len(fake.calls)}"
+    assert call["type"] == "function"
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == arguments
+
+
+async def test_a_server_that_streams_an_answer_not_asked_as_a_stream_has_it_put_together(
+    fake, client
+) -> None:
+    fake.configure(tokens=5, always_streams=True)
+
+    completion = await provider.complete(chat(), upstream_for(fake), client)
+
+    assert "stream" not in fake.calls[-1].body
+    assert completion.response["choices"][0]["message"]["content"] == text_for(5)
+    assert completion.response["choices"][0]["finish_reason"] == "stop"
+    assert completion.usage is None  # not asked for: real200 counts it itself
+
+
+async def test_a_stream_only_answer_cut_short_fails_as_a_stream_does(fake, client) -> None:
+    fake.configure(tokens=8, drop_after=3)
+    upstream = upstream_for(fake, settings={"stream_only": True})
+
+    with pytest.raises(UpstreamFailed):
+        await provider.complete(chat(), upstream, client)
+
+
+async def test_a_server_that_answers_a_stream_with_json_has_it_streamed(fake, client) -> None:
+    fake.configure(tokens=3, prompt_tokens=20, ignores_stream=True)
+
+    events = await collect(provider.stream(chat(stream=True), upstream_for(fake), client))
+
+    *chunks, usage = events
+    assert [e.choices[0]["delta"].get("content") for e in chunks] == [text_for(3), None]
+    assert chunks[-1].choices[0]["finish_reason"] == "stop"
+    assert usage == UsageEvent(Usage(prompt_tokens=20, completion_tokens=3))
 
 
 # --- streams ----------------------------------------------------------------------------

@@ -2,13 +2,15 @@
 
 The request is passed through as the customer sent it, with the upstream's model name, the
 resolved output cap, and a request for usage at the end of a stream. The answer's
-``choices`` come back as they were sent (a server that answers a streamed request with
-the whole completion has it relayed as a stream).
+``choices`` come back as they were sent. A server that answers a streamed request with the
+whole completion has it relayed as a stream, and one that streams a request that was not
+(or a channel set `stream_only`) has its stream put together into the whole answer.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import aclosing
 from typing import Any
 
 import aiohttp
@@ -30,10 +32,16 @@ class OpenAIProvider:
     async def complete(
         self, request: ChatRequest, upstream: Upstream, client: aiohttp.ClientSession
     ) -> Completion:
+        if upstream.settings.get("stream_only"):
+            # Models that answer only as a stream (the channel says so): streamed upstream,
+            # the customer gets the whole answer.
+            return await _completion_of(self.stream(request, upstream, client))
         body = _upstream_body(request, upstream)
         body.pop("stream", None)
         body.pop("stream_options", None)  # OpenAI refuses stream_options without stream
         async with _http.post(client, upstream, _url(upstream), body, _headers(upstream)) as r:
+            if r.content_type == "text/event-stream":  # a server that streams regardless
+                return await _completion_of(_events(r, upstream))
             answer = await _http.read_json(r)
         if "choices" not in answer:
             raise UpstreamFailed(f"an answer without choices: {_http.error_message(answer)}")
@@ -51,7 +59,6 @@ class OpenAIProvider:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         else:
             body.pop("stream_options", None)
-        finished = False
         async with _http.post(client, upstream, _url(upstream), body, _headers(upstream)) as r:
             if r.content_type == "application/json":
                 # A server that ignores `stream` answers the whole completion at once; it
@@ -59,25 +66,83 @@ class OpenAIProvider:
                 for event in _answer_as_events(await _http.read_json(r)):
                     yield event
                 return
-            async for data in _http.sse_data(r, upstream.chunk_timeout):
-                if data == b"[DONE]":
-                    return
-                chunk = _http.parse_json(data)
-                if chunk.get("error"):  # how OpenRouter and vLLM report a failure mid-stream
-                    raise UpstreamFailed(f"error event: {_http.error_message(chunk)}")
-                if choices := chunk.get("choices"):
-                    finished = finished or any(c.get("finish_reason") for c in choices)
-                    yield ChunkEvent(
-                        choices=choices,
-                        text=_generated_text(choices),
-                        system_fingerprint=chunk.get("system_fingerprint"),
-                    )
-                # Some upstreams send usage on every chunk (or null): each is a running total.
-                if usage := _usage(chunk.get("usage")):
-                    yield UsageEvent(usage)
-        # Some servers omit [DONE]; an answer that never finished was cut short, though.
-        if not finished:
-            raise UpstreamFailed("the stream ended before the answer finished")
+            async for event in _events(r, upstream):
+                yield event
+
+
+async def _events(
+    response: aiohttp.ClientResponse, upstream: Upstream
+) -> AsyncIterator[StreamEvent]:
+    """The events of a streamed answer, from its SSE body."""
+    finished = False
+    async for data in _http.sse_data(response, upstream.chunk_timeout):
+        if data == b"[DONE]":
+            return
+        chunk = _http.parse_json(data)
+        if chunk.get("error"):  # how OpenRouter and vLLM report a failure mid-stream
+            raise UpstreamFailed(f"error event: {_http.error_message(chunk)}")
+        if choices := chunk.get("choices"):
+            finished = finished or any(c.get("finish_reason") for c in choices)
+            yield ChunkEvent(
+                choices=choices,
+                text=_generated_text(choices),
+                system_fingerprint=chunk.get("system_fingerprint"),
+            )
+        # Some upstreams send usage on every chunk (or null): each is a running total.
+        if usage := _usage(chunk.get("usage")):
+            yield UsageEvent(usage)
+    # Some servers omit [DONE]; an answer that never finished was cut short, though.
+    if not finished:
+        raise UpstreamFailed("the stream ended before the answer finished")
+
+
+async def _completion_of(events: AsyncGenerator[StreamEvent, None]) -> Completion:
+    """A stream's events put together into the whole answer: each choice's deltas joined
+    into its message (text, refusal, each tool call's arguments by the call's index)."""
+    choices: dict[int, dict[str, Any]] = {}
+    usage: Usage | None = None
+    fingerprint = None
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, UsageEvent):
+                usage = event.usage  # a running total: the last is the whole
+                continue
+            fingerprint = event.system_fingerprint or fingerprint
+            for choice in event.choices:
+                index = choice.get("index", 0)
+                whole = choices.setdefault(
+                    index,
+                    {
+                        "index": index,
+                        "message": {"role": "assistant", "content": None},
+                        "finish_reason": None,
+                        "logprobs": None,
+                    },
+                )
+                _add_delta(whole["message"], choice.get("delta") or {})
+                whole["finish_reason"] = choice.get("finish_reason") or whole["finish_reason"]
+    response: dict[str, Any] = {"choices": [choices[index] for index in sorted(choices)]}
+    if fingerprint:
+        response["system_fingerprint"] = fingerprint
+    return Completion(response=response, usage=usage)
+
+
+def _add_delta(message: dict[str, Any], delta: dict[str, Any]) -> None:
+    for field in ("content", "refusal"):
+        if delta.get(field):
+            message[field] = (message.get(field) or "") + delta[field]
+    for fragment in delta.get("tool_calls") or ():
+        calls = message.setdefault("tool_calls", [])
+        position = fragment.get("index", len(calls))
+        while len(calls) <= position:
+            calls.append(
+                {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+        call, function = calls[position], fragment.get("function") or {}
+        call["id"] = fragment.get("id") or call["id"]
+        # The name comes whole in the call's first fragment (some servers repeat it).
+        call["function"]["name"] = call["function"]["name"] or function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
 
 
 def _answer_as_events(answer: dict[str, Any]) -> Iterator[StreamEvent]:
