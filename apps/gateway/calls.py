@@ -64,6 +64,7 @@ from apps.gateway.providers.base import (
     UpstreamUnavailable,
     Usage,
     UsageEvent,
+    output_text,
 )
 from apps.gateway.tokens import count_prompt_tokens, count_text_tokens, encoding_ready
 from apps.gateway.validation import ValidRequest
@@ -496,8 +497,7 @@ def _completion_texts(response: dict[str, Any]) -> list[str]:
     texts = []
     for choice in response.get("choices") or []:
         message = choice.get("message") or {}
-        texts.append(message.get("content") or "")
-        texts.append(message.get("refusal") or "")
+        texts.append(output_text(message))
         for tool_call in message.get("tool_calls") or []:
             function = tool_call.get("function") or {}
             texts.append(function.get("name", "") + function.get("arguments", ""))

@@ -72,6 +72,9 @@ class Behaviour:
     finish_reason: str | None = None  # the API's own finish/stop reason, to override ours
     ignores_stream: bool = False  # answer a streamed request with the whole JSON answer
     always_streams: bool = False  # answer a request that was not streamed with a stream
+    reasoning_tokens: int = 0  # OpenAI-compatible: reasoning shown before the answer, as
+    # DeepSeek's R1 does (`reasoning_content`), or in `reasoning_field`
+    reasoning_field: str = "reasoning_content"
 
 
 @dataclass(eq=False)
@@ -362,7 +365,7 @@ class FakeUpstream:
     def answer_tokens(self, call: Call) -> int:
         tool_call = call.behaviour.tool_call
         arguments = _argument_pieces(tool_call.get("arguments", {})) if tool_call else []
-        return self.text_tokens(call) + len(arguments)
+        return call.behaviour.reasoning_tokens + self.text_tokens(call) + len(arguments)
 
     def is_cut(self, call: Call) -> bool:
         return self.text_tokens(call) < call.behaviour.tokens
@@ -389,6 +392,8 @@ class OpenAIFake(FakeUpstream):
             "content": text_for(self.text_tokens(call)) or (None if tool_call else ""),
             "refusal": None,
         }
+        if reasoning := call.behaviour.reasoning_tokens:
+            message[call.behaviour.reasoning_field] = text_for(reasoning)
         if tool_call:
             message["tool_calls"] = [
                 {
@@ -444,6 +449,8 @@ class OpenAIFake(FakeUpstream):
             return _sse(chunk)
 
         yield frame({"role": "assistant", "content": "", "refusal": None}), False
+        for i in range(call.behaviour.reasoning_tokens):
+            yield frame({call.behaviour.reasoning_field: WORDS[i % len(WORDS)]}), True
         for i in range(self.text_tokens(call)):
             yield frame({"content": WORDS[i % len(WORDS)]}), True
         if tool_call := call.behaviour.tool_call:

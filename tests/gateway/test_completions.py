@@ -103,6 +103,15 @@ def test_a_server_that_streams_what_was_not_asked_as_a_stream_is_billed_by_our_c
     assert live.balance_nano() == before - record.charged_nano == before - cost_of(record)
 
 
+def test_a_whole_answer_without_usage_bills_the_reasoning_it_shows(live):
+    live.upstream.configure(tokens=4, reasoning_tokens=25, usage=False)
+    answer = live.post({"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 50}).json()
+    assert answer["choices"][0]["message"]["reasoning_content"] == text_for(25)
+    (record,) = live.records()
+    assert record.usage_source == UsageSource.ESTIMATED
+    assert record.completion_tokens == count_text_tokens(text_for(25) + text_for(4), "gpt-4o")
+
+
 @pytest.mark.parametrize(
     ("reported", "billed"),
     [

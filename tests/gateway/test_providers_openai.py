@@ -22,6 +22,7 @@ from apps.gateway.providers.base import (
     UpstreamUnavailable,
     Usage,
     UsageEvent,
+    output_text,
 )
 from apps.gateway.providers.openai import OpenAIProvider
 from tests.fakes import OpenAIFake, text_for
@@ -249,6 +250,13 @@ async def test_a_server_that_answers_a_stream_with_json_has_it_streamed(fake, cl
     assert [e.choices[0]["delta"].get("content") for e in chunks] == [text_for(3), None]
     assert chunks[-1].choices[0]["finish_reason"] == "stop"
     assert usage == UsageEvent(Usage(prompt_tokens=20, completion_tokens=3))
+
+
+def test_reasoning_sent_under_both_names_is_counted_once() -> None:
+    both = {"content": "Hi", "reasoning_content": "think", "reasoning": "think"}
+    assert output_text(both) == "Hithink"
+    assert output_text({"reasoning": "r", "content": None, "refusal": "no"}) == "nor"
+    assert output_text({"content": [{"type": "text"}]}) == ""  # not text: nothing counted
 
 
 # --- streams ----------------------------------------------------------------------------

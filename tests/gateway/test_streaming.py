@@ -329,6 +329,45 @@ def test_a_client_that_disconnects_is_billed_for_what_was_produced(live):
     assert live.held_nano() == 0
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_the_reasoning_a_model_shows_is_relayed_and_billed_as_output(live, field):
+    """DeepSeek's R1 and Qwen's QwQ stream their reasoning (`reasoning_content`;
+    `reasoning` on OpenRouter) before the answer, and bill it as output: with no usage
+    from the upstream, real200's own count includes it."""
+    live.upstream.configure(tokens=5, reasoning_tokens=30, reasoning_field=field, usage=False)
+    before = live.balance_nano()
+    _response, events = live.stream(streamed())
+    chunks = chunks_of(events)
+    shown = "".join(c["choices"][0]["delta"].get(field) or "" for c in chunks if c["choices"])
+    assert shown == text_for(30)
+    assert text_of(chunks) == text_for(5)
+    (record,) = live.wait_settled()
+    assert record.usage_source == UsageSource.ESTIMATED
+    assert record.completion_tokens == count_text_tokens(text_for(30) + text_for(5), "gpt-4o")
+    assert live.balance_nano() == before - record.charged_nano == before - cost_of(record)
+
+
+def test_a_client_that_leaves_during_the_reasoning_pays_for_the_reasoning_produced(live):
+    live.upstream.configure(tokens=5, reasoning_tokens=400, pace=0.02)
+    headers = {"Authorization": f"Bearer {live.key}"}
+    url = f"{live.url}/v1/chat/completions"
+    shown = ""
+    with httpx.stream("POST", url, json=streamed(), headers=headers, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choices = orjson.loads(line[6:])["choices"]
+                shown += choices[0]["delta"].get("reasoning_content") or ""
+            if len(shown.split()) >= 10:
+                break
+    call = live.upstream.calls[-1]
+    assert call.wait_disconnected(seconds=2)
+    (record,) = live.wait_settled()
+    assert record.end_reason == EndReason.CLIENT_GONE
+    assert count_text_tokens(shown, "gpt-4o") <= record.completion_tokens
+    assert tokens(call.tokens_at_disconnect - 2) <= record.completion_tokens
+    assert record.completion_tokens <= tokens(call.tokens_sent)
+
+
 def failed_stream(events: list) -> tuple[list[dict], dict]:
     """The chunks before the failure (validated) and the one error event that ends it."""
     *chunks, error = events

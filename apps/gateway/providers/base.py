@@ -149,6 +149,22 @@ class UsageEvent:
 StreamEvent = ChunkEvent | UsageEvent
 
 
+# The fields of a message, or of a stream's delta, whose text is output the upstream
+# bills: the answer, a refusal, and the reasoning that models such as DeepSeek's R1 or
+# Qwen's QwQ show before it (`reasoning_content`; `reasoning` on OpenRouter and newer vLLM).
+TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
+
+
+def output_text(part: dict[str, Any]) -> str:
+    """The output text of a message or a delta, tool calls aside. A server that sends
+    both reasoning fields sends the same text twice: it is counted once."""
+    reasoning = part.get("reasoning_content") or part.get("reasoning")
+    return "".join(
+        value if isinstance(value, str) else ""
+        for value in (part.get("content"), part.get("refusal"), reasoning)
+    )
+
+
 class UpstreamError(Exception):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)

@@ -17,6 +17,7 @@ import aiohttp
 
 from apps.gateway.providers import _http
 from apps.gateway.providers.base import (
+    TEXT_FIELDS,
     ChatRequest,
     ChunkEvent,
     Completion,
@@ -25,6 +26,7 @@ from apps.gateway.providers.base import (
     UpstreamFailed,
     Usage,
     UsageEvent,
+    output_text,
 )
 
 
@@ -128,7 +130,7 @@ async def _completion_of(events: AsyncGenerator[StreamEvent, None]) -> Completio
 
 
 def _add_delta(message: dict[str, Any], delta: dict[str, Any]) -> None:
-    for field in ("content", "refusal"):
+    for field in TEXT_FIELDS:
         if delta.get(field):
             message[field] = (message.get(field) or "") + delta[field]
     for fragment in delta.get("tool_calls") or ():
@@ -155,8 +157,7 @@ def _answer_as_events(answer: dict[str, Any]) -> Iterator[StreamEvent]:
     for position, choice in enumerate(answer["choices"]):
         message = choice.get("message") or {}
         delta = {"role": "assistant", "content": message.get("content")}
-        if message.get("refusal"):
-            delta["refusal"] = message["refusal"]
+        delta.update({f: message[f] for f in TEXT_FIELDS if f != "content" and message.get(f)})
         if tool_calls := message.get("tool_calls"):
             delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(tool_calls)]
         index = choice.get("index", position)
@@ -211,8 +212,7 @@ def _generated_text(choices: list[dict[str, Any]]) -> str:
     parts: list[str] = []
     for choice in choices:
         delta = choice.get("delta") or {}
-        parts.append(delta.get("content") or "")
-        parts.append(delta.get("refusal") or "")
+        parts.append(output_text(delta))
         for call in delta.get("tool_calls") or ():
             parts.append((call.get("function") or {}).get("arguments") or "")
     return "".join(parts)
