@@ -75,6 +75,10 @@ class Behaviour:
     reasoning_tokens: int = 0  # OpenAI-compatible: reasoning shown before the answer, as
     # DeepSeek's R1 does (`reasoning_content`), or in `reasoning_field`
     reasoning_field: str = "reasoning_content"
+    # Where an OpenAI-compatible server reports its cache reads: OpenAI's
+    # prompt_tokens_details.cached_tokens, DeepSeek's prompt_cache_hit_tokens, or
+    # cached_tokens beside the counts (Moonshot's context cache)
+    cached_field: str = "prompt_tokens_details"
 
 
 @dataclass(eq=False)
@@ -514,7 +518,11 @@ class OpenAIFake(FakeUpstream):
                 if isinstance(behaviour.prompt_tokens, int)
                 else None
             ),
-            "prompt_tokens_details": {"cached_tokens": behaviour.cached_tokens},
+            **(
+                {"prompt_tokens_details": {"cached_tokens": behaviour.cached_tokens}}
+                if behaviour.cached_field == "prompt_tokens_details"
+                else {behaviour.cached_field: behaviour.cached_tokens}
+            ),
         }
 
 

@@ -158,6 +158,20 @@ async def test_a_whole_answer_keeps_choices_fingerprint_and_cached_usage(fake, c
     assert completion.usage == Usage(prompt_tokens=50, completion_tokens=6, cached_tokens=32)
 
 
+@pytest.mark.parametrize(
+    "field", ["prompt_tokens_details", "prompt_cache_hit_tokens", "cached_tokens"]
+)
+async def test_cache_reads_are_found_where_each_server_reports_them(fake, client, field) -> None:
+    fake.configure(tokens=3, prompt_tokens=40, cached_tokens=24, cached_field=field)
+
+    completion = await provider.complete(chat(), upstream_for(fake), client)
+    *_chunks, usage = await collect(provider.stream(chat(stream=True), upstream_for(fake), client))
+
+    expected = Usage(prompt_tokens=40, completion_tokens=3, cached_tokens=24)
+    assert completion.usage == expected
+    assert usage == UsageEvent(expected)
+
+
 async def test_a_whole_answer_without_usage_says_so(fake, client) -> None:
     fake.configure(usage=False)
 

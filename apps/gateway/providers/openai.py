@@ -226,6 +226,7 @@ def _usage(usage: object) -> Usage | None:
     return Usage.reported(
         prompt=usage.get("prompt_tokens"),
         completion=usage.get("completion_tokens"),
-        # DeepSeek reports its cache hits as prompt_cache_hit_tokens instead.
-        cached=cached or usage.get("prompt_cache_hit_tokens"),
+        # DeepSeek reports its cache hits as prompt_cache_hit_tokens instead, Moonshot's
+        # context cache (moonshot-v1) as cached_tokens beside the counts.
+        cached=cached or usage.get("prompt_cache_hit_tokens") or usage.get("cached_tokens"),
     )
