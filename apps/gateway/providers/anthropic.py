@@ -41,6 +41,22 @@ _FINISH_REASONS: dict[str, FinishReason] = {
 }
 
 
+# What reading an answer of the wrong shape raises (a field missing, or of another type):
+# the upstream's fault, which fails the call as a broken connection does.
+_MALFORMED = (KeyError, TypeError, AttributeError)
+
+
+def _malformed(error: Exception) -> UpstreamFailed:
+    return UpstreamFailed(f"a malformed answer from the upstream ({type(error).__name__}: {error})")
+
+
+def _text(value: object) -> str:
+    """A field that must be text, as text (a TypeError otherwise: see _MALFORMED)."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected text, got {type(value).__name__}")
+    return value
+
+
 class AnthropicProvider:
     async def complete(
         self, request: ChatRequest, upstream: Upstream, client: aiohttp.ClientSession
@@ -50,7 +66,10 @@ class AnthropicProvider:
             answer = await _http.read_json(r)
         if answer.get("type") != "message":
             raise UpstreamFailed(f"not a message: {_http.error_message(answer)}")
-        return _completion(answer)
+        try:
+            return _completion(answer)
+        except _MALFORMED as error:
+            raise _malformed(error) from error
 
     async def stream(
         self, request: ChatRequest, upstream: Upstream, client: aiohttp.ClientSession
@@ -59,7 +78,11 @@ class AnthropicProvider:
         translator = _StreamTranslator()
         async with _http.post(client, upstream, _url(upstream), body, _headers(upstream)) as r:
             async for data in _http.sse_data(r, upstream.chunk_timeout):
-                for event in translator.feed(_http.parse_json(data)):
+                try:
+                    events = list(translator.feed(_http.parse_json(data)))
+                except _MALFORMED as error:
+                    raise _malformed(error) from error
+                for event in events:
                     yield event
                 if translator.stopped:
                     return
@@ -245,10 +268,12 @@ def _completion(answer: dict[str, Any]) -> Completion:
     tool_calls: list[dict[str, Any]] = []
     for block in answer.get("content") or ():
         if block.get("type") == "text":
-            texts.append(block["text"])
+            texts.append(_text(block["text"]))
         elif block.get("type") == "tool_use":
             arguments = orjson.dumps(block.get("input", {})).decode()
-            tool_calls.append(_shapes.tool_call(block["id"], block["name"], arguments))
+            tool_calls.append(
+                _shapes.tool_call(_text(block["id"]), _text(block["name"]), arguments)
+            )
     finish_reason = _finish_reason(answer.get("stop_reason"))
     choice = _shapes.choice("".join(texts), tool_calls, finish_reason)
     return Completion(response={"choices": [choice]}, usage=_usage(answer.get("usage")))
@@ -272,14 +297,14 @@ class _StreamTranslator:
             block = event.get("content_block") or {}
             if block.get("type") == "tool_use":
                 index = self._tool_index[event["index"]] = len(self._tool_index)
-                yield _shapes.tool_call_start_chunk(index, block["id"], block["name"])
+                yield _shapes.tool_call_start_chunk(index, _text(block["id"]), _text(block["name"]))
         elif kind == "content_block_delta":
             delta = event.get("delta") or {}
             if delta.get("type") == "text_delta":
-                yield _shapes.content_chunk(delta["text"])
+                yield _shapes.content_chunk(_text(delta["text"]))
             elif delta.get("type") == "input_json_delta":
                 index = self._tool_index[event["index"]]
-                yield _shapes.arguments_chunk(index, delta["partial_json"])
+                yield _shapes.arguments_chunk(index, _text(delta["partial_json"]))
         elif kind == "message_delta":
             if stop_reason := (event.get("delta") or {}).get("stop_reason"):
                 yield _shapes.finish_chunk(_finish_reason(stop_reason))

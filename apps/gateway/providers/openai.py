@@ -47,7 +47,7 @@ class OpenAIProvider:
             answer = await _http.read_json(r)
         if "choices" not in answer:
             raise UpstreamFailed(f"an answer without choices: {_http.error_message(answer)}")
-        response = {"choices": answer["choices"]}
+        response = {"choices": _choices(answer["choices"], "message")}
         if answer.get("system_fingerprint"):
             response["system_fingerprint"] = answer["system_fingerprint"]
         return Completion(response=response, usage=_usage(answer.get("usage")))
@@ -84,6 +84,7 @@ async def _events(
         if chunk.get("error"):  # how OpenRouter and vLLM report a failure mid-stream
             raise UpstreamFailed(f"error event: {_http.error_message(chunk)}")
         if choices := chunk.get("choices"):
+            choices = _choices(choices, "delta")
             finished = finished or any(c.get("finish_reason") for c in choices)
             yield ChunkEvent(
                 choices=choices,
@@ -131,8 +132,8 @@ async def _completion_of(events: AsyncGenerator[StreamEvent, None]) -> Completio
 
 def _add_delta(message: dict[str, Any], delta: dict[str, Any]) -> None:
     for field in TEXT_FIELDS:
-        if delta.get(field):
-            message[field] = (message.get(field) or "") + delta[field]
+        if isinstance(text := delta.get(field), str) and text:
+            message[field] = (message.get(field) or "") + text
     for fragment in delta.get("tool_calls") or ():
         calls = message.setdefault("tool_calls", [])
         position = fragment.get("index", len(calls))
@@ -154,7 +155,7 @@ def _answer_as_events(answer: dict[str, Any]) -> Iterator[StreamEvent]:
     if "choices" not in answer:
         raise UpstreamFailed(f"an answer without choices: {_http.error_message(answer)}")
     deltas, ends = [], []
-    for position, choice in enumerate(answer["choices"]):
+    for position, choice in enumerate(_choices(answer["choices"], "message")):
         message = choice.get("message") or {}
         delta = {"role": "assistant", "content": message.get("content")}
         delta.update({f: message[f] for f in TEXT_FIELDS if f != "content" and message.get(f)})
@@ -206,6 +207,35 @@ def _headers(upstream: Upstream) -> dict[str, str]:
     # Local servers (vLLM, Ollama, llama.cpp) often take no key: send no header then, since
     # an empty "Bearer " is not a valid header value.
     return {"authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
+
+
+def _choices(value: object, part: str) -> list[dict[str, Any]]:
+    """An answer's or a chunk's choices, checked to be of the shape the gateway reads:
+    each a dict with a whole-number index, its `part` (message or delta) a dict, its
+    tool calls dicts whose function's name and arguments are text. Anything else is a
+    malformed answer, which fails the call as a broken connection does."""
+    if not isinstance(value, list) or not all(_readable_choice(c, part) for c in value):
+        raise UpstreamFailed(f"malformed choices from the upstream: {str(value)[:300]}")
+    return value
+
+
+def _readable_choice(choice: object, part: str) -> bool:
+    if not isinstance(choice, dict) or not isinstance(choice.get("index", 0), int):
+        return False
+    inner = choice.get(part) or {}
+    if not isinstance(inner, dict):
+        return False
+    calls = inner.get("tool_calls") or []
+    return isinstance(calls, list) and all(_readable_tool_call(call) for call in calls)
+
+
+def _readable_tool_call(call: object) -> bool:
+    if not isinstance(call, dict) or not isinstance(call.get("index", 0), int):
+        return False
+    function = call.get("function") or {}
+    return isinstance(function, dict) and all(
+        isinstance(function.get(name), str | None) for name in ("name", "arguments")
+    )
 
 
 def _generated_text(choices: list[dict[str, Any]]) -> str:
