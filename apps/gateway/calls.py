@@ -436,6 +436,19 @@ def upstream_failure(call: Call, error: UpstreamFailed) -> GatewayError:
     return UpstreamBadGateway("The upstream provider failed while answering. Please retry.")
 
 
+def broken(call: Call, error: Exception) -> GatewayError:
+    """A call that failed on an error of real200's own, a bug: logged with its trace, it
+    ends as an upstream error, billed for what was delivered, and the customer gets the
+    generic 500 instead of a connection cut without a word."""
+    logger.error("call %s failed", call.id, exc_info=error)
+    call.end_reason = EndReason.UPSTREAM_ERROR
+    call.status_code = 500
+    return GatewayError(
+        f"The server had an error while processing your request (request id {call.id}). "
+        "Please retry; contact support if it persists."
+    )
+
+
 def past_deadline(call: Call) -> UpstreamTimeout:
     """The call ran past GATEWAY_MAX_CALL_SECONDS (`Call.deadline`): it ends as a timeout,
     billed for what was delivered."""

@@ -204,6 +204,10 @@ async def _open_stream(call: calls.Call) -> tuple[StreamEvent, AsyncIterator[Str
         call.status_code = 499
         await asyncio.shield(calls.settle(call))
         raise
+    except Exception as error:
+        failure = calls.broken(call, error)
+        await asyncio.shield(calls.settle(call))
+        raise failure from error
 
 
 async def _complete(call: calls.Call) -> HttpResponse:
@@ -211,14 +215,17 @@ async def _complete(call: calls.Call) -> HttpResponse:
     # (the upstream bills us for it anyway) and is settled once answered.
     answering = asyncio.ensure_future(calls.complete(call))
     try:
-        completion = await asyncio.shield(answering)
+        body = calls.completion_body(call, await asyncio.shield(answering))
     except GatewayError:
         await asyncio.shield(calls.settle(call))
         raise
     except asyncio.CancelledError:
         calls.settle_when_answered(call, answering)
         raise
-    body = calls.completion_body(call, completion)
+    except Exception as error:
+        failure = calls.broken(call, error)
+        await asyncio.shield(calls.settle(call))
+        raise failure from error
     await asyncio.shield(calls.settle(call))
     return HttpResponse(orjson.dumps(body), content_type="application/json")
 
@@ -286,6 +293,8 @@ async def _relay(
         )
     except UpstreamFailed as error:
         yield sse_error_event(calls.upstream_failure(call, error))
+    except Exception as error:
+        yield sse_error_event(calls.broken(call, error))
     except (asyncio.CancelledError, GeneratorExit):
         # Cancelled at an await of ours, or closed at a `yield` by the handler cancelled in
         # its write to the client: the client went away before the end, or the handler

@@ -103,6 +103,29 @@ def test_a_server_that_streams_what_was_not_asked_as_a_stream_is_billed_by_our_c
     assert live.balance_nano() == before - record.charged_nano == before - cost_of(record)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_bug_before_the_answer_is_a_500_and_the_call_is_settled(live, monkeypatch, stream):
+    """An error of real200's own (injected here) answers OpenAI's 500 error and still
+    settles the call: its hold goes back, its usage record says it failed."""
+    from apps.gateway.providers import openai
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(openai, "_choices", broken)
+    before = live.balance_nano()
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 50, "stream": stream}
+    response = live.post(body)
+    assert response.status_code == 500
+    assert_valid("ErrorResponse", response.json())
+    assert response.json()["error"]["type"] == "api_error"
+    (record,) = live.wait_settled()
+    assert (record.end_reason, record.status_code) == (EndReason.UPSTREAM_ERROR, 500)
+    assert record.charged_nano == 0
+    assert live.balance_nano() == before
+    assert live.held_nano() == 0
+
+
 def test_a_whole_answer_without_usage_bills_the_reasoning_it_shows(live):
     live.upstream.configure(tokens=4, reasoning_tokens=25, usage=False)
     answer = live.post({"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 50}).json()

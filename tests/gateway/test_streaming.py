@@ -368,6 +368,37 @@ def test_a_client_that_leaves_during_the_reasoning_pays_for_the_reasoning_produc
     assert record.completion_tokens <= tokens(call.tokens_sent)
 
 
+def test_a_bug_mid_stream_ends_the_stream_with_an_error_and_bills_what_was_delivered(
+    live, monkeypatch
+):
+    """An error of real200's own while relaying (injected here) is logged, ends the
+    stream with an error event instead of a cut connection, and the call is settled."""
+    from apps.gateway.providers import openai
+
+    counted = openai._generated_text
+    chunks_seen = 0
+
+    def breaks_at_the_fourth_chunk(choices):
+        nonlocal chunks_seen
+        chunks_seen += 1
+        if chunks_seen == 4:
+            raise RuntimeError("injected")
+        return counted(choices)
+
+    monkeypatch.setattr(openai, "_generated_text", breaks_at_the_fourth_chunk)
+    live.upstream.configure(tokens=10)
+    before = live.balance_nano()
+    _response, events = live.stream(streamed())
+    chunks, error = failed_stream(events)
+    assert error["type"] == "api_error"
+    assert "request id" in error["message"]
+    (record,) = live.wait_settled()
+    assert record.end_reason == EndReason.UPSTREAM_ERROR
+    assert record.completion_tokens == count_text_tokens(text_of(chunks), "gpt-4o") > 0
+    assert live.balance_nano() == before - record.charged_nano
+    assert live.held_nano() == 0
+
+
 def failed_stream(events: list) -> tuple[list[dict], dict]:
     """The chunks before the failure (validated) and the one error event that ends it."""
     *chunks, error = events
