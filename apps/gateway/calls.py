@@ -576,7 +576,7 @@ def completion_body(call: Call, completion: Completion) -> dict[str, Any]:
         choice.setdefault("index", index)
         choice.setdefault("logprobs", None)
         choice.setdefault("finish_reason", "stop")
-        message = choice.setdefault("message", {"role": "assistant", "content": None})
+        message = choice["message"] = choice.get("message") or {}
         message.setdefault("role", "assistant")
         message.setdefault("content", None)
         message.setdefault("refusal", None)

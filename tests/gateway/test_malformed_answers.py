@@ -26,6 +26,7 @@ MALFORMED = {
     "choices not a list": "oops",
     "a choice not an object": ["oops"],
     "a message not an object": [{"message": "Hi", "finish_reason": "stop"}],
+    "a message of empty text": [{"message": "", "finish_reason": "stop"}],
     "an index not a number": [{"index": "a", "message": MESSAGE, "finish_reason": "stop"}],
     "tool calls not a list": [{"message": {**MESSAGE, "tool_calls": "x"}}],
     "a tool call not an object": [{"message": {**MESSAGE, "tool_calls": ["x"]}}],

@@ -222,17 +222,21 @@ def _choices(value: object, part: str) -> list[dict[str, Any]]:
 def _readable_choice(choice: object, part: str) -> bool:
     if not isinstance(choice, dict) or not isinstance(choice.get("index", 0), int):
         return False
-    inner = choice.get(part) or {}
+    inner = choice.get(part)
+    if inner is None:
+        return True
     if not isinstance(inner, dict):
         return False
-    calls = inner.get("tool_calls") or []
-    return isinstance(calls, list) and all(_readable_tool_call(call) for call in calls)
+    calls = inner.get("tool_calls")
+    return calls is None or (isinstance(calls, list) and all(map(_readable_tool_call, calls)))
 
 
 def _readable_tool_call(call: object) -> bool:
     if not isinstance(call, dict) or not isinstance(call.get("index", 0), int):
         return False
-    function = call.get("function") or {}
+    function = call.get("function")
+    if function is None:
+        return True
     return isinstance(function, dict) and all(
         isinstance(function.get(name), str | None) for name in ("name", "arguments")
     )
