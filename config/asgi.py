@@ -11,7 +11,6 @@ import contextlib
 import gc
 import logging
 import os
-from contextlib import aclosing
 
 from django.core.asgi import get_asgi_application
 
@@ -128,7 +127,7 @@ class ApiHandler(ASGIHandler):
         """Django's send_response, leaner for an event stream: each part goes out as it
         is (Django runs every part through a generator that splits it into 64 KiB
         pieces; a stream's parts are a few hundred bytes), and the relay's `LastPart`
-        ends the body in its own write."""
+        goes out with the end-of-body marker, in one write."""
         if not isinstance(response, EventStream):
             await super().send_response(response, send)
             return
@@ -139,7 +138,7 @@ class ApiHandler(ASGIHandler):
             {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )
         ended = False
-        async with aclosing(aiter(response)) as parts:
+        async with contextlib.aclosing(aiter(response)) as parts:
             async for part in parts:
                 ended = type(part) is LastPart
                 await send({"type": "http.response.body", "body": part, "more_body": not ended})

@@ -159,3 +159,16 @@ def test_a_malformed_anthropic_event_ends_the_stream_with_an_error(live, claude,
     (record,) = live.wait_settled()
     assert (record.end_reason, record.charged_nano) == (EndReason.UPSTREAM_ERROR, 0)
     assert live.balance_nano() == before
+
+
+def test_a_streamed_tool_call_numbered_out_of_turn_is_a_502(live):
+    """A stream put together into a whole answer (a server that streams regardless) may
+    not number a tool call past the next one: the calls would be padded up to it."""
+    choices = [{"message": {**MESSAGE, "tool_calls": [{"index": 10**9, "function": {}}]}}]
+    with asgi_in_thread(answering(choices, stream=True), name="malformed") as url:
+        Channel.objects.filter(name="primary").update(base_url=f"{url}/v1")
+        routes_forget()
+        response = live.post({"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]})
+    assert response.status_code == 502
+    (record,) = live.wait_settled()
+    assert (record.end_reason, record.charged_nano) == (EndReason.UPSTREAM_ERROR, 0)

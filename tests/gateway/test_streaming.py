@@ -294,22 +294,25 @@ def tokens(text_tokens: int) -> int:
     return count_text_tokens(text_for(max(text_tokens, 0)), "gpt-4o")
 
 
-def test_a_client_that_disconnects_is_billed_for_what_was_produced(live):
-    live.upstream.configure(tokens=400, pace=0.02)
-    before = live.balance_nano()
+def leave_after(live: Live, *, words: int, field: str = "content", **body) -> tuple[str, float]:
+    """Stream a call and read the deltas' `field` until `words` words have come, then
+    leave (the connection closes). Returns the text received and when the client left."""
     headers = {"Authorization": f"Bearer {live.key}"}
     url = f"{live.url}/v1/chat/completions"
     received = ""
-    with httpx.stream(
-        "POST", url, json=streamed(max_tokens=1000), headers=headers, timeout=30
-    ) as response:
-        for line in response.iter_lines():
+    with httpx.stream("POST", url, json=streamed(**body), headers=headers, timeout=30) as answer:
+        for line in answer.iter_lines():
             if line.startswith("data: {"):
-                choices = orjson.loads(line[6:])["choices"]
-                received += choices[0]["delta"].get("content") or ""
-            if len(received.split()) >= 5:
+                received += orjson.loads(line[6:])["choices"][0]["delta"].get(field) or ""
+            if len(received.split()) >= words:
                 break
-        left_at = time.monotonic()
+        return received, time.monotonic()
+
+
+def test_a_client_that_disconnects_is_billed_for_what_was_produced(live):
+    live.upstream.configure(tokens=400, pace=0.02)
+    before = live.balance_nano()
+    received, left_at = leave_after(live, words=5, max_tokens=1000)
     call = live.upstream.calls[-1]
     assert call.wait_disconnected(seconds=2), "real200 kept reading from the upstream"
     assert call.disconnected_at - left_at < 0.5  # at once, not at the next chunk timeout
@@ -349,16 +352,7 @@ def test_the_reasoning_a_model_shows_is_relayed_and_billed_as_output(live, field
 
 def test_a_client_that_leaves_during_the_reasoning_pays_for_the_reasoning_produced(live):
     live.upstream.configure(tokens=5, reasoning_tokens=400, pace=0.02)
-    headers = {"Authorization": f"Bearer {live.key}"}
-    url = f"{live.url}/v1/chat/completions"
-    shown = ""
-    with httpx.stream("POST", url, json=streamed(), headers=headers, timeout=30) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: {"):
-                choices = orjson.loads(line[6:])["choices"]
-                shown += choices[0]["delta"].get("reasoning_content") or ""
-            if len(shown.split()) >= 10:
-                break
+    shown, _left_at = leave_after(live, words=10, field="reasoning_content")
     call = live.upstream.calls[-1]
     assert call.wait_disconnected(seconds=2)
     (record,) = live.wait_settled()

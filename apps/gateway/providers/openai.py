@@ -45,9 +45,7 @@ class OpenAIProvider:
             if r.content_type == "text/event-stream":  # a server that streams regardless
                 return await _completion_of(_events(r, upstream))
             answer = await _http.read_json(r)
-        if "choices" not in answer:
-            raise UpstreamFailed(f"an answer without choices: {_http.error_message(answer)}")
-        response = {"choices": _choices(answer["choices"], "message")}
+        response = {"choices": _answer_choices(answer)}
         if answer.get("system_fingerprint"):
             response["system_fingerprint"] = answer["system_fingerprint"]
         return Completion(response=response, usage=_usage(answer.get("usage")))
@@ -137,7 +135,9 @@ def _add_delta(message: dict[str, Any], delta: dict[str, Any]) -> None:
     for fragment in delta.get("tool_calls") or ():
         calls = message.setdefault("tool_calls", [])
         position = fragment.get("index", len(calls))
-        while len(calls) <= position:
+        if not 0 <= position <= len(calls):  # calls are numbered in turn, from 0
+            raise UpstreamFailed(f"a tool call numbered {position} after {len(calls)} calls")
+        if position == len(calls):
             calls.append(
                 {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
             )
@@ -152,10 +152,8 @@ def _answer_as_events(answer: dict[str, Any]) -> Iterator[StreamEvent]:
     """A whole completion as the events of a stream: each choice's message as one delta,
     then each choice's finish reason in a chunk of its own, as OpenAI ends a stream, then
     the usage."""
-    if "choices" not in answer:
-        raise UpstreamFailed(f"an answer without choices: {_http.error_message(answer)}")
     deltas, ends = [], []
-    for position, choice in enumerate(_choices(answer["choices"], "message")):
+    for position, choice in enumerate(_answer_choices(answer)):
         message = choice.get("message") or {}
         delta = {"role": "assistant", "content": message.get("content")}
         delta.update({f: message[f] for f in TEXT_FIELDS if f != "content" and message.get(f)})
@@ -207,6 +205,14 @@ def _headers(upstream: Upstream) -> dict[str, str]:
     # Local servers (vLLM, Ollama, llama.cpp) often take no key: send no header then, since
     # an empty "Bearer " is not a valid header value.
     return {"authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
+
+
+def _answer_choices(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """A whole answer's choices, checked (`_choices`); an answer without any is most
+    often an error body, whose message is quoted."""
+    if "choices" not in answer:
+        raise UpstreamFailed(f"an answer without choices: {_http.error_message(answer)}")
+    return _choices(answer["choices"], "message")
 
 
 def _choices(value: object, part: str) -> list[dict[str, Any]]:
