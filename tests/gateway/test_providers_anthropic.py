@@ -400,7 +400,9 @@ async def test_a_stream_becomes_openai_chunks(fake, client) -> None:
     }
     arguments = "".join(call["function"]["arguments"] for call in calls)
     assert orjson.loads(arguments) == {"city": "Paris"}
-    assert "".join(event.text for event in chunks(events)) == text_for(3) + arguments
+    assert (
+        "".join(event.text for event in chunks(events)) == text_for(3) + "get_weather" + arguments
+    )
     assert chunks(events)[-1].choices[0] == {
         "index": 0,
         "delta": {},

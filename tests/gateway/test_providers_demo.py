@@ -203,7 +203,11 @@ async def test_a_stream_says_what_the_whole_answer_says(options: dict[str, Any])
 
     whole = message(completion)
     streamed = "".join(event.text for event in chunks(events))
-    assert streamed == (whole["content"] or whole["tool_calls"][0]["function"]["arguments"])
+    if whole["content"]:
+        assert streamed == whole["content"]
+    else:  # a tool call: its name and its arguments are output
+        function = whole["tool_calls"][0]["function"]
+        assert streamed == function["name"] + function["arguments"]
     assert chunks(events)[0].choices[0]["delta"]["role"] == "assistant"
     assert chunks(events)[-1].choices[0]["finish_reason"] == finish_reason(completion)
     assert all(event.choices[0]["finish_reason"] is None for event in chunks(events)[:-1])

@@ -162,6 +162,17 @@ def test_a_streamed_tool_call_arrives_in_fragments(live):
     assert live.balance_nano() == before - cost_of(record)
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_tool_call_without_usage_is_billed_for_its_name_and_arguments(live, stream):
+    """real200's own count of a tool call is the same streamed or not."""
+    live.upstream.configure(tokens=0, tool_call=PARIS, usage=False)
+    response = live.post(streamed(tools=[WEATHER_TOOL], stream=stream))
+    assert response.status_code == 200
+    (record,) = live.wait_settled()
+    arguments = orjson.dumps(PARIS["arguments"]).decode()
+    assert record.completion_tokens == count_text_tokens(PARIS["name"] + arguments, "gpt-4o")
+
+
 def test_the_sdk_assembles_a_streamed_tool_call(live):
     live.upstream.configure(tokens=0, tool_call=PARIS)
     stream = live.sdk.chat.completions.create(

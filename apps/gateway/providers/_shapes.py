@@ -56,7 +56,7 @@ def content_chunk(text: str) -> ChunkEvent:
 
 def tool_call_start_chunk(index: int, call_id: str, name: str) -> ChunkEvent:
     """Opens tool call ``index``; its arguments follow in ``arguments_chunk``s."""
-    return chunk({"tool_calls": [{"index": index, **tool_call(call_id, name, "")}]})
+    return chunk({"tool_calls": [{"index": index, **tool_call(call_id, name, "")}]}, text=name)
 
 
 def arguments_chunk(index: int, fragment: str) -> ChunkEvent:

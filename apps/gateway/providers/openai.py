@@ -254,7 +254,10 @@ def _generated_text(choices: list[dict[str, Any]]) -> str:
         delta = choice.get("delta") or {}
         parts.append(output_text(delta))
         for call in delta.get("tool_calls") or ():
-            parts.append((call.get("function") or {}).get("arguments") or "")
+            function = call.get("function") or {}
+            if call.get("id"):  # the call's first fragment: its name is output too
+                parts.append(function.get("name") or "")
+            parts.append(function.get("arguments") or "")
     return "".join(parts)
 
 
