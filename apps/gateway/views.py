@@ -252,7 +252,12 @@ async def _stream(call: calls.Call) -> HttpResponse:
     # Step the relay into its `try` now: from here on, closing it settles the call, even
     # if its body is never iterated (the client left while the headers waited to go out,
     # and the ASGI handler closes the body it did not send).
-    await anext(relay)
+    try:
+        await anext(relay)
+    except Exception as error:  # the first event could not be relayed: a bug of ours
+        failure = calls.broken(call, error)
+        calls.settle_after_stream(call, events)
+        raise failure from error
     response = EventStream(relay, content_type="text/event-stream; charset=utf-8")
     # Proxies must pass each chunk on as it comes; compression would merge or break them.
     response["Cache-Control"] = "no-cache"
@@ -272,8 +277,8 @@ async def _relay(
     writer = calls.StreamWriter(call)
     deadline = call.deadline
     upstream_done = False
+    chunk = writer.event(first)  # counted now: real200 has it, whether or not it is sent
     try:
-        chunk = writer.event(first)  # counted now: real200 has it, whether or not it is sent
         yield b""  # taken by `_stream`, never sent
         if chunk:
             yield chunk

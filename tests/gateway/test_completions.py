@@ -126,6 +126,25 @@ def test_a_bug_before_the_answer_is_a_500_and_the_call_is_settled(live, monkeypa
     assert live.held_nano() == 0
 
 
+def test_a_bug_relaying_the_first_event_is_a_500_and_the_call_is_settled(live, monkeypatch):
+    from apps.gateway import calls
+
+    def broken(self, event):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(calls.StreamWriter, "event", broken)
+    live.upstream.configure(tokens=200, pace=0.02)
+    before = live.balance_nano()
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 50, "stream": True}
+    response = live.post(body)
+    assert response.status_code == 500
+    assert_valid("ErrorResponse", response.json())
+    (record,) = live.wait_settled()
+    assert (record.end_reason, record.status_code) == (EndReason.UPSTREAM_ERROR, 500)
+    assert live.balance_nano() == before
+    assert live.upstream.calls[-1].wait_disconnected(seconds=2)  # the upstream is let go
+
+
 def test_a_whole_answer_without_usage_bills_the_reasoning_it_shows(live):
     live.upstream.configure(tokens=4, reasoning_tokens=25, usage=False)
     answer = live.post({"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 50}).json()
