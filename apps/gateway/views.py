@@ -205,9 +205,15 @@ async def _open_stream(call: calls.Call) -> tuple[StreamEvent, AsyncIterator[Str
         await asyncio.shield(calls.settle(call))
         raise
     except Exception as error:
-        failure = calls.broken(call, error)
-        await asyncio.shield(calls.settle(call))
-        raise failure from error
+        raise await _settled_as_broken(call, error) from error
+
+
+async def _settled_as_broken(call: calls.Call, error: Exception) -> GatewayError:
+    """A call that failed on an error of our own (`calls.broken`), settled; the answer to
+    raise."""
+    failure = calls.broken(call, error)
+    await asyncio.shield(calls.settle(call))
+    return failure
 
 
 async def _complete(call: calls.Call) -> HttpResponse:
@@ -223,9 +229,7 @@ async def _complete(call: calls.Call) -> HttpResponse:
         calls.settle_when_answered(call, answering)
         raise
     except Exception as error:
-        failure = calls.broken(call, error)
-        await asyncio.shield(calls.settle(call))
-        raise failure from error
+        raise await _settled_as_broken(call, error) from error
     await asyncio.shield(calls.settle(call))
     return HttpResponse(orjson.dumps(body), content_type="application/json")
 
