@@ -396,8 +396,8 @@ class PendingAdmission:
 # An allowance is this fraction of its counter's limit...
 ALLOWANCE_SHARE = 20
 # ...and only for a counter whose allowance covers at least this many calls like the one
-# asking (a limit of 5 requests a minute, or a call that may use a tenth of its tokens per
-# minute, is counted exactly, call by call).
+# asking (a key at 60 requests a minute, or a call that may use more than an eightieth of
+# its key's tokens per minute, is counted call by call).
 ALLOWANCE_CALLS = 4
 
 
