@@ -159,6 +159,26 @@ def test_a_key_at_5_rpm_gets_exactly_5_of_20_across_two_processes(fake_upstream)
 @pytest.mark.postgres
 @pytest.mark.redis
 @pytest.mark.django_db(transaction=True)
+def test_two_processes_spending_allowances_never_pass_a_keys_limit_together(fake_upstream):
+    """At 100 requests a minute each process spends shares of 5 in memory (see
+    apps.keys.limits._Allowances): waves of calls across two processes get no more than
+    the limit, and no fewer than the limit less a share per process."""
+    _org, key = _setup_org(fake_upstream, rpm=100)
+    with real200_server(workers=2, env=_server_env()) as server:
+        _away_from_a_window_edge(margin=20.0)
+        answers = []
+        for _wave in range(15):
+            answers += asyncio.run(_burst(server.url, key, 10))
+    statuses = [answer.status_code for answer in answers]
+    assert set(statuses) <= {200, 429}, statuses
+    assert 100 - 2 * 5 <= statuses.count(200) <= 100, statuses
+    assert len(fake_upstream.calls) == statuses.count(200)
+    assert Transfer.objects.filter(kind="charge").count() == statuses.count(200)
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
 def test_tokens_per_minute_stop_a_key_and_headers_show_them(fake_upstream):
     # Each call reserves its prompt (8 tokens here) and max_tokens (5); a 40-tpm key fits 3.
     _org, key = _setup_org(fake_upstream, tpm=40)
