@@ -410,6 +410,7 @@ class _Allowance:
     left: int = 0  # reserved in Redis, not yet spent by a call of this process
     counted: int = 0  # the counter's value in Redis after the last reservation
     refilling: asyncio.Future | None = None
+    retry_at: float = 0.0  # after a reservation failed, the next waits until then
     closed: bool = False  # the counter is past half its limit: counted exactly from now
 
 
@@ -441,9 +442,14 @@ class _Allowances:
             self.forget()  # the last window's allowances ended with their counters
             self._window = window
         allowances = [self._ready(key, amount, limit) for key, amount, limit in limited]
-        for allowance, (_key, amount, _limit) in zip(allowances, limited, strict=True):
+        short = False
+        for allowance, (key, amount, _limit) in zip(allowances, limited, strict=True):
             if allowance is None or allowance.left < amount:
-                return None
+                short = True
+                if allowance is not None and allowance.left < allowance.size // 2:
+                    self._refill(key, allowance)  # its last reservation failed, or is late
+        if short:
+            return None
         counts = []
         for allowance, (key, amount, _limit) in zip(allowances, limited, strict=True):
             allowance.left -= amount
@@ -479,6 +485,8 @@ class _Allowances:
     def _refill(self, key: str, allowance: _Allowance) -> None:
         if allowance.refilling is not None and not allowance.refilling.done():
             return
+        if time.monotonic() < allowance.retry_at:
+            return
         task = asyncio.get_running_loop().create_task(self._reserve(key, allowance))
         allowance.refilling = task
         self._tasks.add(task)  # the loop keeps only weak references to tasks
@@ -489,6 +497,7 @@ class _Allowances:
             [(count, added)] = await counters().add([(key, allowance.size, allowance.half_limit)])
         except Exception as error:  # calls are counted in Redis meanwhile (and fail open)
             _fail_open("allowance", error)
+            allowance.retry_at = time.monotonic() + _REDIS_SECONDS
             return
         if added:
             allowance.left += allowance.size

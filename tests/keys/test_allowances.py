@@ -127,3 +127,27 @@ def test_past_half_its_limit_a_counter_gives_no_shares_and_the_unspent_goes_back
     assert allowance.closed
     assert allowance.left == 0
     assert count == 45  # 5 calls and the others' 40: the unspent 1 went back
+
+
+def test_a_reservation_that_failed_is_asked_again_a_second_later(monkeypatch):
+    grant = _grant(rpm=1000, tpm=100_000)
+    working = counters()
+    monkeypatch.setattr(limits, "_counters", limits._RedisCounters("redis://127.0.0.1:9/0"))
+    key = limits._counter("rpm-key", grant.id, limits._window(NOW)[0])
+
+    async def scenario():
+        await call_admit(grant, 100)  # Redis away: served anyway (fails open)
+        await _reservations_landed(limits._allowances)
+        allowance = limits._allowances._by_counter[key]
+        assert (allowance.left, allowance.refilling.done()) == (0, True)
+        limits._counters = working  # Redis is back...
+        await call_admit(grant, 100)
+        await _reservations_landed(limits._allowances)
+        assert allowance.left == 0  # ...but within the second, not asked again
+        for each in limits._allowances._by_counter.values():  # a second later
+            each.retry_at = 0.0
+        await call_admit(grant, 100)
+        await _reservations_landed(limits._allowances)
+        return allowance.left, call_admit_start(grant, 100).counted.done()
+
+    assert asyncio.run(scenario()) == (50, True)
