@@ -399,6 +399,8 @@ ALLOWANCE_SHARE = 20
 # asking (a key at 60 requests a minute, or a call that may use more than an eightieth of
 # its key's tokens per minute, is counted call by call).
 ALLOWANCE_CALLS = 4
+# After a reservation failed, the next is asked for no sooner than this.
+_ALLOWANCE_RETRY_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -497,7 +499,7 @@ class _Allowances:
             [(count, added)] = await counters().add([(key, allowance.size, allowance.half_limit)])
         except Exception as error:  # calls are counted in Redis meanwhile (and fail open)
             _fail_open("allowance", error)
-            allowance.retry_at = time.monotonic() + _REDIS_SECONDS
+            allowance.retry_at = time.monotonic() + _ALLOWANCE_RETRY_SECONDS
             return
         if added:
             allowance.left += allowance.size
