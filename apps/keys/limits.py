@@ -26,7 +26,9 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from django.conf import settings
@@ -407,8 +409,8 @@ _ALLOWANCE_RETRY_SECONDS = 1.0
 class _Allowance:
     """This process's reserved share of one counter in one window."""
 
+    limit: int  # the limit it was sized for
     size: int  # what each reservation asks for
-    half_limit: int  # reservations stop where they would take the counter past this
     left: int = 0  # reserved in Redis, not yet spent by a call of this process
     counted: int = 0  # the counter's value in Redis after the last reservation
     refilling: asyncio.Future | None = None
@@ -476,11 +478,15 @@ class _Allowances:
     def _ready(self, key: str, amount: int, limit: int) -> _Allowance | None:
         """The counter's allowance; None if it has none (asking for one if it may)."""
         allowance = self._by_counter.get(key)
+        if allowance is not None and allowance.limit != limit and not allowance.closed:
+            # The key's (or organization's) limit changed: a share sized for the old one
+            # must not outlast it. Counted in Redis for the rest of the window.
+            self._close(key, allowance)
         if allowance is None:
             size = limit // ALLOWANCE_SHARE
             if size < ALLOWANCE_CALLS * max(amount, 1):
                 return None
-            allowance = self._by_counter[key] = _Allowance(size=size, half_limit=limit // 2)
+            allowance = self._by_counter[key] = _Allowance(limit=limit, size=size)
             self._refill(key, allowance)
         return None if allowance.closed else allowance
 
@@ -489,29 +495,44 @@ class _Allowances:
             return
         if time.monotonic() < allowance.retry_at:
             return
-        task = asyncio.get_running_loop().create_task(self._reserve(key, allowance))
-        allowance.refilling = task
+        allowance.refilling = self._in_background(self._reserve(key, allowance))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _reserve(self, key: str, allowance: _Allowance) -> None:
         try:
-            [(count, added)] = await counters().add([(key, allowance.size, allowance.half_limit)])
+            [(count, added)] = await counters().add([(key, allowance.size, allowance.limit // 2)])
         except Exception as error:  # calls are counted in Redis meanwhile (and fail open)
             _fail_open("allowance", error)
             allowance.retry_at = time.monotonic() + _ALLOWANCE_RETRY_SECONDS
             return
-        if added:
+        if allowance.closed:  # closed while this reservation was out: it goes back too
+            if added:
+                await self._given_back(counters().enqueue([(key, -allowance.size, ALWAYS)]))
+        elif added:
             allowance.left += allowance.size
             allowance.counted = count
-            return
+        else:
+            self._close(key, allowance)
+
+    def _close(self, key: str, allowance: _Allowance) -> None:
+        """No more shares of this counter in this window; what is unspent goes back,
+        ahead of the counts of any call that comes after (the script applies them in
+        the order they were sent)."""
         allowance.closed = True
         unspent, allowance.left = allowance.left, 0
         if unspent:
-            try:
-                await counters().add([(key, -unspent, ALWAYS)])
-            except Exception as error:
-                _fail_open("allowance given back", error)
+            self._in_background(self._given_back(counters().enqueue([(key, -unspent, ALWAYS)])))
+
+    async def _given_back(self, counted: asyncio.Future) -> None:
+        try:
+            await counted
+        except Exception as error:
+            _fail_open("allowance given back", error)
 
 
 _allowances = _Allowances()

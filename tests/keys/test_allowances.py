@@ -5,6 +5,7 @@ processes together still never count past a limit."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -151,3 +152,29 @@ def test_a_reservation_that_failed_is_asked_again_a_second_later(monkeypatch):
         return allowance.left, call_admit_start(grant, 100).counted.done()
 
     assert asyncio.run(scenario()) == (50, True)
+
+
+def test_a_limit_lowered_mid_window_applies_at_once_not_after_the_old_share():
+    grant = _grant(rpm=1000, tpm=10_000_000)
+    lowered = dataclasses.replace(grant, rpm=10)  # the same key, its limit just changed
+
+    async def scenario():
+        await call_admit(grant, 10)
+        await _reservations_landed(limits._allowances)  # a share of 50 is in: 51 counted
+        await call_admit(grant, 10)  # from the share
+        admitted = 0
+        for _ in range(20):
+            pending = call_admit_start(lowered, 10)
+            assert not pending.counted.done()  # counted in Redis, against the new limit
+            try:
+                await pending.admission()
+            except LimitExceeded:
+                pass
+            else:
+                admitted += 1
+            await _reservations_landed(limits._allowances)
+        return admitted, await _count("rpm-key", grant.id)
+
+    admitted, count = asyncio.run(scenario())
+    assert admitted == 10 - 2  # the two calls before the change count
+    assert count == 2 + 20  # the old share's 49 unspent went back; every request counts
