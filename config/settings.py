@@ -274,6 +274,10 @@ GATEWAY_UPSTREAM_CONNECTIONS = env_int("GATEWAY_UPSTREAM_CONNECTIONS", 2000)
 # limit is counted against KEY_DEFAULT_TPM.
 ORG_DEFAULT_RPM = env_int("ORG_DEFAULT_RPM", 3000)
 KEY_DEFAULT_TPM = env_int("KEY_DEFAULT_TPM", 10_000_000)
+# While a counter is below half its limit, each process reserves 1/RATE_LIMIT_SHARES of the
+# limit at a time and admits calls from it in memory (apps/keys/limits.py, allowances);
+# 0: every call is counted in Redis as it comes.
+RATE_LIMIT_SHARES = env_int("RATE_LIMIT_SHARES", 20)
 
 # Behind a reverse proxy, the client address is the last hop this proxy added to
 # X-Forwarded-For; only then is that header believed.

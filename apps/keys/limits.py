@@ -9,11 +9,12 @@ call (its request and its tokens) is one round trip on the event loop and atomic
 many processes race.
 
 A counter far from its limit is not asked about every call: each process reserves a share
-of it ahead (an *allowance*: a twentieth of the limit, while the counter is below half the
-limit) and admits calls from that share in memory, with no round trip (`_Allowances`).
-A reservation is itself a count in Redis, so the processes together never pass a limit;
-what a quiet process keeps unspent of its share, another may be refused early: at most a
-twentieth of the limit per process, in a window past half its limit.
+of it ahead (an *allowance*: by default a twentieth of the limit, while the counter is
+below half the limit) and admits calls from that share in memory, with no round trip
+(`_Allowances`). A reservation is itself a count in Redis, so the processes together
+never pass a limit; what a quiet process keeps unspent of its share, another may be
+refused early: at most a twentieth of the limit per process, in a window past half its
+limit.
 
 Without Redis (the embedded default: one process) the same counters live in the process.
 If Redis is down, limits fail open: the API keeps serving, each failure is logged and
@@ -395,9 +396,8 @@ class PendingAdmission:
 # process that takes part in it waits for a core. A counter far from its limit need not
 # be asked each time whether one more call fits.
 
-# An allowance is this fraction of its counter's limit...
-ALLOWANCE_SHARE = 20
-# ...and only for a counter whose allowance covers at least this many calls like the one
+# An allowance is 1/settings.RATE_LIMIT_SHARES of its counter's limit (0: no allowances),
+# and only for a counter whose allowance covers at least this many calls like the one
 # asking (a key at 60 requests a minute, or a call that may use more than an eightieth of
 # its key's tokens per minute, is counted call by call).
 ALLOWANCE_CALLS = 4
@@ -440,8 +440,8 @@ class _Allowances:
         """Take each (counter, amount, limit) from this process's allowances, all or
         none: the counts to decide on (as the script would answer them), already in, or
         None when the call must be counted in Redis."""
-        if not isinstance(counters(), _RedisCounters):
-            return None  # the in-process counters answer at once: nothing to spare
+        if not settings.RATE_LIMIT_SHARES or not isinstance(counters(), _RedisCounters):
+            return None  # off, or the in-process counters, which answer at once
         if window != self._window:
             self.forget()  # the last window's allowances ended with their counters
             self._window = window
@@ -483,7 +483,7 @@ class _Allowances:
             # must not outlast it. Counted in Redis for the rest of the window.
             self._close(key, allowance)
         if allowance is None:
-            size = limit // ALLOWANCE_SHARE
+            size = limit // settings.RATE_LIMIT_SHARES
             if size < ALLOWANCE_CALLS * max(amount, 1):
                 return None
             allowance = self._by_counter[key] = _Allowance(limit=limit, size=size)

@@ -178,3 +178,19 @@ def test_a_limit_lowered_mid_window_applies_at_once_not_after_the_old_share():
     admitted, count = asyncio.run(scenario())
     assert admitted == 10 - 2  # the two calls before the change count
     assert count == 2 + 20  # the old share's 49 unspent went back; every request counts
+
+
+def test_with_rate_limit_shares_0_every_call_is_counted_in_redis(settings):
+    settings.RATE_LIMIT_SHARES = 0
+    grant = _grant(rpm=1000, tpm=100_000)
+
+    async def scenario():
+        counted_in_redis = []
+        for _ in range(3):
+            pending = call_admit_start(grant, 100)
+            counted_in_redis.append(not pending.counted.done())
+            await pending.admission()
+            await _reservations_landed(limits._allowances)
+        return counted_in_redis, await _count("rpm-key", grant.id)
+
+    assert asyncio.run(scenario()) == ([True, True, True], 3)
